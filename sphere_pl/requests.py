@@ -13,6 +13,8 @@ class EditDataError(ValueError):
         super().__init__(f"record case_id={case_id!r}{where}: field {field_name!r}: {problem}")
         self.case_id = case_id
         self.field = field_name
+        self.problem = problem
+        self.source = source
 
 
 @dataclass(frozen=True)
