@@ -49,7 +49,7 @@ class HypersphericalEnergyMonitor(L.Callback):
             values[f"he/{layer}"] = he
             values[f"he_delta/{layer}"] = he - he0
             values[f"he_relative/{layer}"] = (he - he0) / abs(he0)
-        pl_module.log_dict(values, on_step=True)
+        pl_module.log_progress(values)
 
     def state_dict(self) -> dict:
         return {"initial": self.initial}
@@ -82,9 +82,9 @@ class EditCheckpoint(L.Callback):
             return
         directory = self._dir(trainer)
         path = directory / f"edits-{pl_module.edits_applied:06d}.ckpt"
+        self.saved.append(str(path))  # before saving, so the checkpoint's own list includes itself
         self._atomic_save(trainer, path)
         self._atomic_save(trainer, directory / "last.ckpt")
-        self.saved.append(str(path))
         while self.keep_last is not None and len(self.saved) > self.keep_last:
             old = self.saved.pop(0)
             if trainer.is_global_zero and os.path.exists(old):

@@ -137,7 +137,17 @@ class SequentialEditor(L.LightningModule):
     def on_train_batch_end(self, outputs, batch: EditBatch, batch_idx: int) -> None:
         if self.eval_every and self.batches_done % self.eval_every == 0:
             with self.ctx.timer("evaluation"):
-                self.log_dict(self.evaluate_progress(), on_step=True)
+                self.log_progress(self.evaluate_progress())
+
+    def log_progress(self, values: dict[str, float]) -> None:
+        """Send metrics measured after some edit batches straight to the loggers, with `edits`.
+
+        `self.log` would re-send a value on every later step of the (single) epoch when it is
+        not logged again, so metrics taken every n batches would reappear, stale.
+        """
+        row = {**values, "edits": float(self.edits_applied)}
+        for logger in self.loggers:
+            logger.log_metrics(row, step=self.batches_done - 1)
 
     def evaluate_progress(self) -> dict[str, float]:
         """Metrics on (a fixed sample of) the facts edited so far and on never-edited facts."""

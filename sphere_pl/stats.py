@@ -2,8 +2,8 @@
 
 C0 says which input directions the model already uses, so MEMIT-style methods can keep
 their outputs while writing new facts. It is computed once per (model, layer, corpus,
-sample count) and cached on disk; the cache is reused as long as its key and the
-fingerprint of the layer's pretrained weight match.
+sample count) and cached on disk; the cache is reused as long as its key and a fingerprint
+of the weights below and at the layer (C0 depends on all of them) match.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .models import ModuleTemplates, linear_weight
+from .models import ModuleTemplates
 from .tracing import capture
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,20 @@ def _token_sequences(dataset, text_field: str, tokenizer, seq_len: int):
             buffer = buffer[seq_len:]
 
 
-def weight_fingerprint(weight: torch.Tensor) -> str:
-    """Short hash of a weight's values: tells a cache built for other weights apart."""
-    data = weight.detach().float().cpu().contiguous()
-    return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
+def model_fingerprint(model, templates: ModuleTemplates, layer: int, per_tensor: int = 4096) -> str:
+    """Short hash of a strided sample of every parameter the keys of `layer` depend on
+    (embeddings and blocks 0..layer): tells a cache built for other weights apart cheaply."""
+    blocks = [templates.layer_at(i) + "." for i in range(layer + 1)]
+    stack_prefix = templates.layers + "."
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if name.startswith(stack_prefix) and not any(name.startswith(b) for b in blocks):
+            continue  # a block above `layer`
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // per_tensor)].float().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _cache_path(cfg: KeyStatistics, model_id: str, module_name: str) -> str:
@@ -111,7 +121,7 @@ def _load_cached(path: str, fingerprint: str) -> torch.Tensor | None:
 def second_moments(model, tokenizer, templates: ModuleTemplates, layers: list[int], cfg: KeyStatistics, model_id: str) -> dict[int, torch.Tensor]:
     """C0 (d_in x d_in, float32, on CPU) for each layer, from the cache where it is valid."""
     names = {layer: templates.down_proj_at(layer) for layer in layers}
-    fingerprints = {layer: weight_fingerprint(linear_weight(model.get_submodule(names[layer]))) for layer in layers}
+    fingerprints = {layer: model_fingerprint(model, templates, layer) for layer in layers}
     paths = {layer: _cache_path(cfg, model_id, names[layer]) for layer in layers}
     result = {layer: _load_cached(paths[layer], fingerprints[layer]) for layer in layers}
     missing = [layer for layer, c in result.items() if c is None]

@@ -95,18 +95,6 @@ def base_model_name(templates: ModuleTemplates) -> str:
     return templates.layers.rsplit(".", 1)[0]
 
 
-class _Zero(nn.Module):
-    """Stands in for learned absolute position embeddings, which are already in the hidden states."""
-
-    def __init__(self, like: nn.Module):
-        super().__init__()
-        self.like = [like]
-
-    def forward(self, positions):
-        w = self.like[0].weight
-        return torch.zeros(*positions.shape, w.shape[-1], dtype=w.dtype, device=w.device)
-
-
 @contextmanager
 def _swapped(parent: nn.Module, attr: str, replacement: nn.Module):
     original = getattr(parent, attr)
@@ -117,25 +105,107 @@ def _swapped(parent: nn.Module, attr: str, replacement: nn.Module):
         setattr(parent, attr, original)
 
 
+@contextmanager
+def upper_blocks(model: nn.Module, templates: ModuleTemplates, start: int, stop: int | None = None):
+    """Temporarily make blocks[start:stop] the model's whole stack; yields `forward(hidden, **kwargs)`.
+
+    `hidden` goes into the first kept block exactly as given: a pre-hook replaces whatever
+    the embedding stage made of it (learned positions, scaling), so this works for any
+    family. The kept blocks' cache slots are renumbered from 0 so a KV cache holds just them.
+    """
+    base = model.get_submodule(base_model_name(templates))
+    layers_parent_name, layers_attr = templates.layers.rsplit(".", 1)
+    layers_parent = model.get_submodule(layers_parent_name)
+    tail = list(getattr(layers_parent, layers_attr))[start:stop]
+    numbered = [
+        (m, m.layer_idx, j) for j, block in enumerate(tail) for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)
+    ]
+
+    def forward(hidden: torch.Tensor, **kwargs):
+        def feed(module, args, module_kwargs):
+            if args:
+                return (hidden,) + tuple(args[1:]), module_kwargs
+            return args, {**module_kwargs, "hidden_states": hidden}
+
+        handle = tail[0].register_forward_pre_hook(feed, with_kwargs=True)
+        try:
+            return base(inputs_embeds=hidden, **kwargs)
+        finally:
+            handle.remove()
+
+    with _swapped(layers_parent, layers_attr, nn.ModuleList(tail)):
+        for m, _, j in numbered:
+            m.layer_idx = j
+        try:
+            yield forward
+        finally:
+            for m, idx, _ in numbered:
+                m.layer_idx = idx
+
+
 def run_from_layer(
     model: nn.Module, templates: ModuleTemplates, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int | None = None
 ) -> torch.Tensor:
     """Final-normed hidden states when block `start` receives `hidden` and block `stop - 1` is the last run.
 
     `hidden` is the residual stream entering block `start` (the output of block start-1).
-    The blocks outside [start, stop) are skipped, which is what makes repeated evaluation of
-    the top of the network cheap. Works by temporarily replacing the block list with that slice.
+    The blocks outside [start, stop) are skipped.
     """
-    base = model.get_submodule(base_model_name(templates))
-    layers_parent_name, layers_attr = templates.layers.rsplit(".", 1)
-    layers_parent = model.get_submodule(layers_parent_name)
-    blocks = getattr(layers_parent, layers_attr)
-    tail = nn.ModuleList(list(blocks)[start:stop])
-    position_attr = "wpe" if hasattr(base, "wpe") else None  # GPT-2 adds learned positions to inputs_embeds
-    with _swapped(layers_parent, layers_attr, tail):
-        if position_attr:
-            with _swapped(base, position_attr, _Zero(getattr(base, position_attr))):
-                out = base(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
-        else:
-            out = base(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state
+    with upper_blocks(model, templates, start, stop) as forward:
+        return forward(hidden, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+class SuffixRunner:
+    """Re-runs blocks [start, stop) on the suffix of each sequence, from position `split[i]` on,
+    with the prefix's keys and values computed once and cached.
+
+    For target-value optimisation, everything before the subject's last token is unaffected
+    by the vector being optimised, so a step only needs the tokens from there on — about a
+    third of them. `hidden` is the residual stream entering block `start` for every position.
+    """
+
+    def __init__(self, model, templates: ModuleTemplates, hidden: torch.Tensor, attention_mask: torch.Tensor, split: torch.Tensor, start: int, stop: int | None = None):
+        from transformers import DynamicCache
+
+        self._cache_class = DynamicCache
+        self.model, self.templates, self.start, self.stop = model, templates, start, stop
+        device = hidden.device
+        lengths = attention_mask.sum(dim=1)
+        self.prefix_len = int(split.max())
+        width = int((lengths - split).max())
+        offsets = torch.arange(width, device=device)
+        index = split[:, None] + offsets  # absolute position of each suffix slot
+        self.suffix_mask = (offsets[None, :] < (lengths - split)[:, None]).long()
+        self.positions = index
+        gather = index.clamp(max=hidden.shape[1] - 1)
+        self.suffix_hidden = hidden.gather(1, gather[..., None].expand(-1, -1, hidden.shape[-1]))
+        self.prefix_mask = (torch.arange(self.prefix_len, device=device)[None, :] < split[:, None]).long()
+        self.kv = None
+        if self.prefix_len:
+            # Pure causal attention here: real prefix tokens never see the padding after them,
+            # and padding rows stay finite (they are masked out when the suffix runs).
+            cache = DynamicCache()
+            with torch.no_grad(), upper_blocks(model, templates, start, stop) as forward:
+                forward(
+                    hidden[:, : self.prefix_len],
+                    attention_mask=torch.ones_like(self.prefix_mask),
+                    position_ids=torch.arange(self.prefix_len, device=device).expand(hidden.shape[0], -1),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def run(self, rows: torch.Tensor, add_at_split: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (len(rows), width, d) of the suffixes of `rows`, with
+        `add_at_split` (len(rows), d) added to the hidden state at each suffix's first position."""
+        hidden = self.suffix_hidden[rows]
+        hidden = torch.cat([hidden[:, :1] + add_at_split[:, None].to(hidden.dtype), hidden[:, 1:]], dim=1)
+        kwargs = {"use_cache": False}
+        mask = self.suffix_mask[rows]
+        if self.kv is not None:
+            cache = self._cache_class(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.kv])
+            kwargs = {"past_key_values": cache, "use_cache": True}
+            mask = torch.cat([self.prefix_mask[rows], mask], dim=1)
+        with upper_blocks(self.model, self.templates, self.start, self.stop) as forward:
+            out = forward(hidden, attention_mask=mask, position_ids=self.positions[rows], **kwargs)
+        return out.last_hidden_state

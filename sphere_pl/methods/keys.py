@@ -8,6 +8,7 @@ edit generalises beyond the exact prompt. The first group is always the bare pro
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 from ..models import ModuleTemplates
 from ..requests import EditRequest
@@ -49,7 +50,7 @@ def contextual_prompts(requests: list[EditRequest], context_groups: list[list[st
 
 def _group_average(per_prompt: torch.Tensor, n_requests: int, context_groups: list[list[str]]) -> torch.Tensor:
     """Average (n_requests * n_contexts, d) rows within each context group, then across groups."""
-    per_request = per_prompt.view(n_requests, sum(len(g) for g in context_groups), -1)
+    per_request = rearrange(per_prompt, "(n c) d -> n c d", n=n_requests)
     means, start = [], 0
     for group in context_groups:
         means.append(per_request[:, start : start + len(group)].mean(dim=1))
@@ -100,6 +101,5 @@ def compute_keys(
     keys = {layer: _group_average(torch.cat(v), n, context_groups) for layer, v in keys.items()}
     if out_name is None:
         return keys, None
-    per_context = sum(len(g) for g in context_groups)
-    bare_outputs = torch.cat(outputs).view(n, per_context, -1)[:, 0]
+    bare_outputs = rearrange(torch.cat(outputs), "(n c) d -> n c d", n=n)[:, 0]  # context 0 is the bare prompt
     return keys, bare_outputs

@@ -12,7 +12,8 @@ below `early_stop_loss`. z = h + delta.
 
 `optimize_values` solves all requests of a batch at once. Because the blocks below the
 edited layer do not depend on delta, their output is computed once; every step runs only
-the blocks above it, and logits are computed only at the positions the loss reads.
+the blocks above it, only on the tokens from the subject's last token on (the keys and
+values of the earlier tokens are cached), and logits only where the loss reads them.
 Adam acts element-wise, so a joint optimisation of per-request deltas on the sum of
 per-request losses follows exactly the same path as one optimisation per request;
 `optimize_values_reference` is that straightforward per-request version, kept for tests
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from ..models import ModuleTemplates
 from ..requests import EditRequest
-from ..tracing import capture, pad_id_lists, run_from_layer, token_positions
+from ..tracing import SuffixRunner, capture, pad_id_lists, token_positions
 from .keys import fill
 
 KL_PROMPT = "{} is a"
@@ -173,20 +174,17 @@ def optimize_values(model, tokenizer, templates: ModuleTemplates, requests: list
     all_seqs = torch.arange(p.seq_request.shape[0], device=device)
     kl_init = None
     steps = torch.zeros(n, dtype=torch.long)
-    final_loss = torch.zeros(n)
+    final_loss = torch.zeros(n, dtype=h_init.dtype)
 
+    runner = SuffixRunner(model, templates, block_out, p.batch["attention_mask"], p.lookup, layer + 1, loss_layer + 1)
     for it in range(hp.num_grad_steps):
         seqs = all_seqs[active[p.seq_request]]
-        hidden = block_out[seqs].clone()
-        hidden = hidden.index_put(
-            (torch.arange(len(seqs), device=device), p.lookup[seqs]), delta[p.seq_request[seqs]].to(hidden.dtype), accumulate=True
-        )
-        final = run_from_layer(model, templates, hidden, p.batch["attention_mask"][seqs], layer + 1, loss_layer + 1)
+        final = runner.run(seqs, delta[p.seq_request[seqs]])
         remap = torch.full((p.seq_request.shape[0],), -1, dtype=torch.long, device=device)
         remap[seqs] = torch.arange(len(seqs), device=device)
 
         def final_at(seq_idx, pos):
-            return final[remap[seq_idx], pos]
+            return final[remap[seq_idx], pos - p.lookup[seq_idx]]  # suffixes start at the lookup token
 
         loss, nll, kl_log_probs = _request_losses(p, seqs, final_at, lm_head, kl_init, delta, h_norm, hp)
         if kl_init is None:

@@ -1,0 +1,101 @@
+"""Seconds per edit, split by phase, and peak memory, for AlphaEdit + SPHERE on SmolLM2.
+
+    python benchmarks/edit_speed.py                      # fast path, 30 quickstart edits in batches of 10
+    python benchmarks/edit_speed.py --reference          # per-request value optimisation with full forward passes
+    python benchmarks/edit_speed.py --fresh-stats        # also time the key statistics (empty cache)
+
+It runs the real Lightning loop (SequentialEditor + EditDataModule, CSV logging, no
+checkpoints) and reads the editor's phase timer. Statistics are a one-off cost per model
+and corpus, so they are reported apart from the per-edit figure unless --fresh-stats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from sphere_pl import AlphaEdit, EditDataModule, HypersphericalEnergyMonitor, SequentialEditor, SphereProjection
+from sphere_pl.methods import values as values_module
+from sphere_pl.methods.values import ValueOptimization
+from sphere_pl.stats import KeyStatistics
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+PHASES = ["statistics", "value_optimisation", "keys", "solve", "projection", "he", "evaluation"]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--edits", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--reference", action="store_true", help="straightforward one-request-at-a-time value optimisation")
+    parser.add_argument("--fresh-stats", action="store_true", help="compute key statistics into an empty cache")
+    parser.add_argument("--stats-samples", type=int, default=200)
+    args = parser.parse_args()
+
+    if args.reference:  # swap the value solver for the per-request reference (same signature, returns z only)
+        values_module_fast = values_module.optimize_values
+
+        def reference(*a, **k):
+            z = values_module.optimize_values_reference(*a, **k)
+            return z, {"loss": torch.zeros(1), "steps": torch.zeros(1)}
+
+        import sphere_pl.methods.alphaedit as alphaedit_module
+
+        alphaedit_module.optimize_values = reference
+        assert values_module_fast is not reference
+
+    cache = tempfile.mkdtemp() if args.fresh_stats else "~/.cache/sphere_pl/stats"
+    method = AlphaEdit(
+        values=ValueOptimization(num_grad_steps=args.steps, lr=0.5, clamp_norm_factor=4.0, weight_decay=1e-3),
+        stats=KeyStatistics(corpus=str(CORPUS), num_samples=args.stats_samples, seq_len=256, cache_dir=cache),
+    )
+    start = time.perf_counter()
+    editor = SequentialEditor(method=method, projection=SphereProjection(0.5, 0.5), eval_every=1)
+    load_s = time.perf_counter() - start
+    data = EditDataModule(num_edits=args.batch, dataset_size_limit=args.edits, num_holdout=2, shuffle=False)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=L.pytorch.loggers.CSVLogger(tempfile.mkdtemp()),
+        callbacks=[HypersphericalEnergyMonitor()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+    )
+    start = time.perf_counter()
+    trainer.fit(editor, data)
+    total = time.perf_counter() - start
+
+    seconds = editor.ctx.timer.seconds
+    n = editor.edits_applied
+    per_edit_phases = {p: seconds.get(p, 0.0) / n for p in PHASES}
+    counted = total if args.fresh_stats else total - seconds.get("statistics", 0.0)
+    print(f"device: {editor.device}, torch threads: {torch.get_num_threads()}, model load {load_s:.1f} s")
+    print(f"mode: {'reference (per request, full forward passes)' if args.reference else 'fast (batched)'}; "
+          f"{n} edits in batches of {args.batch}, {args.steps} value steps")
+    print(f"{'phase':<22}{'s/edit':>10}")
+    for p in PHASES:
+        print(f"{p:<22}{per_edit_phases[p]:>10.3f}")
+    print(f"{'other (loop, logging)':<22}{(counted - sum(v for k, v in seconds.items() if k != 'statistics' or args.fresh_stats)) / n:>10.3f}")
+    print(f"{'total per edit':<22}{counted / n:>10.3f}   (statistics {'included' if args.fresh_stats else 'excluded: cached, one-off'})")
+    print(f"peak memory (max RSS): {peak_rss_gb():.2f} GB")
+    if torch.cuda.is_available():
+        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

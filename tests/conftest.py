@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny random LLaMA saved like a real checkpoint, real text, real edit data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may download
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CORPUS = SHARED_DATA / "wikitext-2" / "valid.txt"
+CONTEXT_TEMPLATES = ["Hello there. {}", "A b c. {}"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads the real SmolLM2 model (tens of seconds)")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A tiny random LLaMA + byte tokenizer written with save_pretrained, loaded by local path."""
+    from sphere_pl.models import tiny_llama, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(seed=0).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def stats_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("stats-cache"))
+
+
+@pytest.fixture
+def tiny_method(stats_cache):
+    """Factory of a small AlphaEdit for the tiny model (layers 1, 2; few steps; fixed contexts)."""
+    from sphere_pl.methods import AlphaEdit
+    from sphere_pl.methods.values import ValueOptimization
+    from sphere_pl.stats import KeyStatistics
+
+    def make(**overrides):
+        kwargs = dict(
+            layers=[1, 2],
+            values=ValueOptimization(num_grad_steps=5, lr=0.5),
+            stats=KeyStatistics(corpus=str(CORPUS), num_samples=20, seq_len=64, cache_dir=stats_cache),
+            context_templates=CONTEXT_TEMPLATES,
+        )
+        kwargs.update(overrides)
+        return AlphaEdit(**kwargs)
+
+    return make
