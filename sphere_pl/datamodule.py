@@ -132,6 +132,9 @@ class EditDataModule(L.LightningDataModule):
             self._train_loader = EditBatchLoader(self.edit_batches)
         return self._train_loader
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # requests are text; tokens are made on the model's device when needed
+
     def val_dataloader(self) -> RequestChunks:
         return RequestChunks(self.edit_requests, self.eval_batch_size)
 

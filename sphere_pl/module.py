@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 
 import lightning as L
 import torch
@@ -23,6 +24,11 @@ from .projection import SphereProjection
 from .requests import EditBatch, EditRequest
 
 log = logging.getLogger(__name__)
+
+# Lightning's advice for gradient training does not apply to an editing run: the model is
+# deliberately in eval mode, there is no optimizer and training_step returns nothing.
+for _message in (".*module\\(s\\) in eval mode.*", ".*configure_optimizers.*returned `None`.*", ".*training_step.*returned `None`.*"):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 class EditFailedError(RuntimeError):
@@ -90,15 +96,13 @@ class SequentialEditor(L.LightningModule):
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         self.model.to(device)
-        self.method.setup(self.ctx)
-        self.projection.prepare(self.model, self.edited_modules)
+        with self.ctx.timer("setup"):
+            self.method.setup(self.ctx)
+            self.projection.prepare(self.model, self.edited_modules)
         self._prepared = True
 
     def configure_optimizers(self):
         return None
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch  # requests are text; tokens are made on the model's device when needed
 
     # ---------------------------------------------------------------- editing
     def training_step(self, batch: EditBatch, batch_idx: int):
@@ -161,8 +165,10 @@ class SequentialEditor(L.LightningModule):
         """A fixed random sample: each fact gets a seeded priority; the k lowest among the edited are kept."""
         if self.eval_sample_size is None or len(self.edited_requests) <= self.eval_sample_size:
             return self.edited_requests
-        rank = lambda r: random.Random(f"{self.eval_seed}:{r.case_id}").random()  # noqa: E731
-        return sorted(self.edited_requests, key=rank)[: self.eval_sample_size]
+        def priority(request: EditRequest) -> float:
+            return random.Random(f"{self.eval_seed}:{request.case_id}").random()
+
+        return sorted(self.edited_requests, key=priority)[: self.eval_sample_size]
 
     # ------------------------------------------------------------- evaluation
     def validation_step(self, batch: list[EditRequest], batch_idx: int):

@@ -25,10 +25,11 @@ def _first(x):
 
 
 @torch.no_grad()
-def capture(model: nn.Module, inputs: dict, inputs_of: list[str] = (), outputs_of: list[str] = (), stop_after: str | None = None):
-    """Run `model(**inputs)` and return {name: tensor} for module inputs and outputs.
+def capture(model: nn.Module, inputs: dict | None, inputs_of: list[str] = (), outputs_of: list[str] = (), stop_after: str | None = None, run=None):
+    """Run `model(**inputs)` (or `run()`) and return {("in"|"out", name): tensor} for module inputs and outputs.
 
     With `stop_after`, the forward pass is abandoned as soon as that module has run.
+    Module names are resolved before anything runs, so `run` may swap blocks around.
     """
     found: dict[str, torch.Tensor] = {}
     handles = []
@@ -51,7 +52,7 @@ def capture(model: nn.Module, inputs: dict, inputs_of: list[str] = (), outputs_o
         for name in set(outputs_of) | ({stop_after} if stop_after else set()):
             handles.append(model.get_submodule(name).register_forward_hook(output_hook(name)))
         try:
-            model(**inputs, use_cache=False)
+            run() if run is not None else model(**inputs, use_cache=False)
         except _StopForward:
             pass
     finally:

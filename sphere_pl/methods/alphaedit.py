@@ -16,7 +16,7 @@ import torch
 from ..requests import EditRequest
 from ..stats import KeyStatistics, second_moments
 from .base import EditContext, EditMethod, WeightWriter
-from .keys import compute_keys, generate_context_templates
+from .keys import KeyReader, generate_context_templates
 from .values import ValueOptimization, optimize_values
 
 
@@ -78,15 +78,17 @@ class AlphaEdit(EditMethod):
         with ctx.timer("value_optimisation"):
             targets, info = optimize_values(model, tok, templates, requests, self.context_groups, z_layer, self.values)
 
+        with ctx.timer("keys"):
+            reader = KeyReader(model, tok, templates, requests, self.context_groups, from_layer=min(self.layers))
         for i, layer in enumerate(self.layers):
             with ctx.timer("keys"):
-                keys, current = compute_keys(model, tok, templates, requests, self.context_groups, [layer], output_layer=z_layer)
+                keys, current = reader.read([layer], output_layer=z_layer)
             with ctx.timer("solve"):
                 delta = self._solve(i, keys[layer].T, (targets - current).T / (len(self.layers) - i))
             writer.write(templates.down_proj_at(layer), delta)
 
         with ctx.timer("keys"):
-            final_keys, _ = compute_keys(model, tok, templates, requests, self.context_groups, self.layers)
+            final_keys, _ = reader.read(self.layers)
         for i, layer in enumerate(self.layers):
             k = final_keys[layer].T.to(self.previous_key_moments.dtype)
             self.previous_key_moments[i] += k @ k.T

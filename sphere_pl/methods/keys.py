@@ -12,7 +12,7 @@ from einops import rearrange
 
 from ..models import ModuleTemplates
 from ..requests import EditRequest
-from ..tracing import capture, token_positions, tokenize
+from ..tracing import capture, token_positions, tokenize, upper_blocks
 
 GENERATION_PREFIXES = ("The", "Therefore", "Because", "I", "You")
 
@@ -58,7 +58,64 @@ def _group_average(per_prompt: torch.Tensor, n_requests: int, context_groups: li
     return torch.stack(means, dim=0).mean(dim=0)
 
 
-@torch.no_grad()
+class KeyReader:
+    """Keys of a batch of requests, read again and again while the layers at and above
+    `from_layer` change (AlphaEdit updates one layer at a time).
+
+    The blocks below `from_layer` never change during a batch, so the hidden states entering
+    it are computed once and every read runs only the blocks from there to the highest
+    layer it needs.
+    """
+
+    def __init__(self, model, tokenizer, templates: ModuleTemplates, requests: list[EditRequest], context_groups: list[list[str]], from_layer: int, batch_size: int = 64):
+        if context_groups[0] != ["{}"]:
+            raise ValueError("the first context group must be ['{}'] (the bare prompt)")
+        self.model, self.templates, self.from_layer = model, templates, from_layer
+        self.n, self.context_groups = len(requests), context_groups
+        device = next(model.parameters()).device
+        prompts = contextual_prompts(requests, context_groups)
+        positions = token_positions(tokenizer, prompts)
+        texts = [t.replace("{}", s) for t, s in prompts]
+        entering = templates.layer_at(from_layer)
+        self.chunks = []  # (hidden states entering `from_layer`, attention mask, subject positions)
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                enc = tokenize(tokenizer, texts[start : start + batch_size], device)
+                found = capture(model, enc, inputs_of=[entering], stop_after=entering)
+                cols = torch.tensor(positions[start : start + batch_size], device=device)
+                self.chunks.append((found[("in", entering)], enc["attention_mask"], cols))
+
+    @torch.no_grad()
+    def read(self, key_layers: list[int], output_layer: int | None = None):
+        """Keys {layer: (n, d_in)} at `key_layers`, and optionally the block output of
+        `output_layer` at the subject's last token of each bare prompt, shape (n, d_model)."""
+        needed = key_layers + ([output_layer] if output_layer is not None else [])
+        if min(needed) < self.from_layer:
+            raise ValueError(f"layers {needed} lie below layer {self.from_layer}, where this reader starts")
+        key_names = [self.templates.down_proj_at(layer) for layer in key_layers]
+        out_name = self.templates.layer_at(output_layer) if output_layer is not None else None
+        keys = {layer: [] for layer in key_layers}
+        outputs = []
+        for hidden, mask, cols in self.chunks:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+
+            def run(hidden=hidden, mask=mask):
+                with upper_blocks(self.model, self.templates, self.from_layer, max(needed) + 1) as forward:
+                    forward(hidden, attention_mask=mask, use_cache=False)
+
+            found = capture(self.model, None, inputs_of=key_names, outputs_of=[out_name] if out_name else [], run=run)
+            for layer, name in zip(key_layers, key_names):
+                keys[layer].append(found[("in", name)][rows, cols].float())
+            if out_name:
+                outputs.append(found[("out", out_name)][rows, cols].float())
+
+        keys = {layer: _group_average(torch.cat(v), self.n, self.context_groups) for layer, v in keys.items()}
+        if out_name is None:
+            return keys, None
+        bare_outputs = rearrange(torch.cat(outputs), "(n c) d -> n c d", n=self.n)[:, 0]  # context 0 is the bare prompt
+        return keys, bare_outputs
+
+
 def compute_keys(
     model,
     tokenizer,
@@ -69,37 +126,7 @@ def compute_keys(
     output_layer: int | None = None,
     batch_size: int = 64,
 ):
-    """Keys {layer: (n, d_in)} at `key_layers`, and optionally the block output of `output_layer`
-    at the subject's last token of each bare prompt, shape (n, d_model).
-
-    The forward pass stops after the highest layer it needs.
-    """
-    if context_groups[0] != ["{}"]:
-        raise ValueError("the first context group must be ['{}'] (the bare prompt)")
-    device = next(model.parameters()).device
-    prompts = contextual_prompts(requests, context_groups)
-    positions = token_positions(tokenizer, prompts)
-    texts = [t.replace("{}", s) for t, s in prompts]
-    key_names = [templates.down_proj_at(layer) for layer in key_layers]
-    out_name = templates.layer_at(output_layer) if output_layer is not None else None
-    last = max(key_layers + ([output_layer] if output_layer is not None else []))
-    stop = templates.layer_at(last)
-
-    keys = {layer: [] for layer in key_layers}
-    outputs = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenize(tokenizer, texts[start : start + batch_size], device)
-        rows = torch.arange(enc["input_ids"].shape[0], device=device)
-        cols = torch.tensor(positions[start : start + batch_size], device=device)
-        found = capture(model, enc, inputs_of=key_names, outputs_of=[out_name] if out_name else [], stop_after=stop)
-        for layer, name in zip(key_layers, key_names):
-            keys[layer].append(found[("in", name)][rows, cols].float())
-        if out_name:
-            outputs.append(found[("out", out_name)][rows, cols].float())
-
-    n = len(requests)
-    keys = {layer: _group_average(torch.cat(v), n, context_groups) for layer, v in keys.items()}
-    if out_name is None:
-        return keys, None
-    bare_outputs = rearrange(torch.cat(outputs), "(n c) d -> n c d", n=n)[:, 0]  # context 0 is the bare prompt
-    return keys, bare_outputs
+    """One read of a `KeyReader` starting at the lowest layer asked for."""
+    lowest = min(key_layers + ([output_layer] if output_layer is not None else []))
+    reader = KeyReader(model, tokenizer, templates, requests, context_groups, lowest, batch_size)
+    return reader.read(key_layers, output_layer)
