@@ -478,8 +478,11 @@ def _down_weights(model, templates, layers):
 
 def _null_space_threshold(moments, layers):
     """A threshold between the singular values of C0 so that the null space is neither empty nor everything."""
-    svals = torch.cat([torch.linalg.svdvals(moments[layer].double()) for layer in layers])
-    threshold = float(svals.median())
+    svals = torch.cat([torch.linalg.svdvals(moments[layer].double()) for layer in layers]).sort().values
+    # midway between two neighbouring singular values: a threshold equal to one of them would
+    # leave that direction's side to rounding
+    middle = len(svals) // 2
+    threshold = float(svals[middle - 1] + svals[middle]) / 2
     for layer in layers:
         s = torch.linalg.svdvals(moments[layer].double())
         assert 0 < int((s < threshold).sum()) < s.numel()

@@ -21,9 +21,13 @@ from .values import ValueOptimization, optimize_values
 
 
 def nullspace_projector(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P = Û Ûᵀ over the singular vectors of C0 whose singular value is below `threshold`."""
-    u, s, _ = torch.linalg.svd(second_moment.double())
-    small = u[:, s < threshold]
+    """P = Û Ûᵀ over the singular vectors of C0 whose singular value is below `threshold`.
+
+    C0 is symmetric positive semi-definite, so its singular vectors are its eigenvectors and
+    its singular values the eigenvalues' magnitudes: `eigh` gives them several times faster than `svd`.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(second_moment.double())
+    small = eigenvectors[:, eigenvalues.abs() < threshold]
     return (small @ small.T).to(second_moment.dtype)
 
 
