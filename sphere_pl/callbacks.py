@@ -93,7 +93,7 @@ class EditCheckpoint(L.Callback):
     @staticmethod
     def _atomic_save(trainer, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # loops, callbacks and data position too
         if trainer.is_global_zero:
             os.replace(tmp, path)
 

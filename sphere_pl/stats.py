@@ -97,7 +97,9 @@ def model_fingerprint(model, templates: ModuleTemplates, layer: int, per_tensor:
 
 
 def _cache_path(cfg: KeyStatistics, model_id: str, module_name: str) -> str:
-    corpus_key = f"{cfg.corpus}|{cfg.corpus_config}|{cfg.split}|{cfg.text_field}"
+    local = _local_files(cfg.corpus) is not None
+    corpus = os.path.abspath(os.path.expanduser(cfg.corpus)) if local else cfg.corpus  # one key however the path is written
+    corpus_key = f"{corpus}|{cfg.corpus_config}|{cfg.split}|{cfg.text_field}"
     key = hashlib.sha256(f"{model_id}|{module_name}|{corpus_key}|{cfg.num_samples}|{cfg.seq_len}".encode()).hexdigest()[:16]
     safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)[-60:]
     return os.path.join(os.path.expanduser(cfg.cache_dir), safe_model, f"{module_name}.{cfg.num_samples}x{cfg.seq_len}.{key}.pt")
