@@ -13,11 +13,13 @@ from pathlib import Path
 
 import lightning as L
 
-from .data_readers import load_edit_requests
+from .data_readers import COUNTERFACT_URL, MULTI_COUNTERFACT_URL, load_edit_requests
 from .requests import EditBatch, EditRequest
 
 QUICKSTART = "quickstart"
 QUICKSTART_PATH = Path(__file__).with_name("quickstart_edits.json")
+# Named sources: the project's offline set and the canonical remote CounterFact files.
+NAMED_SOURCES = {QUICKSTART: str(QUICKSTART_PATH), "counterfact": COUNTERFACT_URL, "multi_counterfact": MULTI_COUNTERFACT_URL}
 
 
 class EditBatchLoader:
@@ -69,8 +71,9 @@ class RequestChunks:
 
 class EditDataModule(L.LightningDataModule):
     """Args:
-    source: "quickstart" (the project's offline edit set), a local JSON/JSONL path, or a URL
-        (e.g. the canonical CounterFact URL; downloaded once into `cache_dir`).
+    source: "quickstart" (the project's offline edit set), "counterfact" / "multi_counterfact"
+        (the canonical remote files, downloaded once into `cache_dir`), a local JSON/JSONL
+        path, or any URL.
     schema: "auto", "counterfact" (full / multi-CounterFact) or "mend_counterfact" (flat).
     dataset_size_limit: edit only the first N records (None: all but the held-out ones).
     num_edits: requests per edit batch.
@@ -94,7 +97,7 @@ class EditDataModule(L.LightningDataModule):
         super().__init__()
         if num_edits < 1:
             raise ValueError(f"num_edits must be at least 1, got {num_edits}")
-        self.source = str(QUICKSTART_PATH) if source == QUICKSTART else source
+        self.source = NAMED_SOURCES.get(source, source)
         self.schema = schema
         self.dataset_size_limit = dataset_size_limit
         self.num_edits = num_edits

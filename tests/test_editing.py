@@ -489,14 +489,18 @@ def _null_space_threshold(moments, layers):
     return threshold
 
 
-def test_alphaedit_update_preserves_keys_outside_null_space(tok, tiny_method, float64_default):
-    # float64 weights so that the measured weight change is not drowned by the weight's rounding
+def _float64_setting(tok, tiny_method):
+    """A float64 tiny model (so weight changes are not drowned by rounding), its C0 and a null-space threshold."""
     model = tiny_llama().double()
     templates = resolve_templates(model)
     ctx = EditContext(model, tok, templates, "test-editing/tiny-llama-f64")
     probe = tiny_method()
     moments = second_moments(model, tok, templates, probe.layers, probe.stats, ctx.model_id)
-    threshold = _null_space_threshold(moments, probe.layers)
+    return model, templates, ctx, moments, _null_space_threshold(moments, probe.layers)
+
+
+def test_alphaedit_update_preserves_keys_outside_null_space(tok, tiny_method, float64_default):
+    model, templates, ctx, moments, threshold = _float64_setting(tok, tiny_method)
 
     method = tiny_method(nullspace_threshold=threshold)
     method.setup(ctx)
@@ -534,13 +538,9 @@ def test_alphaedit_update_preserves_keys_outside_null_space(tok, tiny_method, fl
 
 
 def test_alphaedit_cumulative_key_moments(tok, tiny_method, float64_default):
-    model = tiny_llama().double()
-    templates = resolve_templates(model)
-    ctx = EditContext(model, tok, templates, "test-editing/tiny-llama-f64")
-    probe = tiny_method()
-    moments = second_moments(model, tok, templates, probe.layers, probe.stats, ctx.model_id)
+    model, templates, ctx, moments, threshold = _float64_setting(tok, tiny_method)
     # a small ridge term so that the K Kᵀ terms, not L2, decide the solution
-    method = tiny_method(nullspace_threshold=_null_space_threshold(moments, probe.layers), L2=1e-6)
+    method = tiny_method(nullspace_threshold=threshold, L2=1e-6)
     method.setup(ctx)
     assert torch.count_nonzero(method.previous_key_moments) == 0
     writer = WeightWriter(ctx, [SphereProjection(cumulative_ratio=0.0)])
