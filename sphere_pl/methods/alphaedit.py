@@ -16,7 +16,7 @@ import torch
 from ..requests import EditRequest
 from ..stats import KeyStatistics, second_moments
 from .base import EditContext, EditMethod, WeightWriter
-from .keys import KeyReader, generate_context_templates
+from .keys import GENERATION_PREFIXES, KeyReader, generate_context_templates
 from .values import ValueOptimization, optimize_values
 
 
@@ -39,6 +39,8 @@ class AlphaEdit(EditMethod):
     nullspace_threshold: singular values of C0 below this span the null space (2e-2).
     L2: ridge term of the solve (10).
     context_templates: fixed context templates (each with "{}"); None samples them from the model.
+    context_prefixes: words the sampled context templates start with (one template each).
+    context_length: tokens sampled per context template.
     context_seed: seed for sampling context templates.
     """
 
@@ -50,6 +52,8 @@ class AlphaEdit(EditMethod):
         nullspace_threshold: float = 2e-2,
         L2: float = 10.0,
         context_templates: list[str] | None = None,
+        context_prefixes: list[str] = list(GENERATION_PREFIXES),
+        context_length: int = 10,
         context_seed: int = 0,
     ):
         super().__init__(layers)
@@ -57,6 +61,8 @@ class AlphaEdit(EditMethod):
         self.stats = stats
         self.nullspace_threshold = nullspace_threshold
         self.L2 = L2
+        self.context_prefixes = list(context_prefixes)
+        self.context_length = context_length
         self.context_seed = context_seed
         self.context_groups = [["{}"], list(context_templates)] if context_templates else None
 
@@ -74,7 +80,9 @@ class AlphaEdit(EditMethod):
         self.register_buffer("projectors", projectors.to(ctx.device))
         self.register_buffer("previous_key_moments", torch.zeros_like(self.projectors))
         if self.context_groups is None:
-            self.context_groups = generate_context_templates(ctx.model, ctx.tokenizer, seed=self.context_seed)
+            self.context_groups = generate_context_templates(
+                ctx.model, ctx.tokenizer, self.context_length, self.context_prefixes, self.context_seed
+            )
 
     def edit(self, ctx: EditContext, requests: list[EditRequest], writer: WeightWriter) -> dict[str, float]:
         model, tok, templates = ctx.model, ctx.tokenizer, ctx.templates
