@@ -654,14 +654,19 @@ def test_sphere_projection_through_writer(tok, family, dtype, tol, basis):
 # 7. WeightWriter refuses bad deltas
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_weight_writer_refuses_non_finite(tok, bad):
+def _writer_target(tok):
+    """A tiny model's context, an edited module's name, its weight (a view) and a copy of it."""
     model = tiny_llama(layers=2)
     templates = resolve_templates(model)
     ctx = EditContext(model, tok, templates, "writer")
     name = templates.down_proj_at(1)
     weight = linear_weight(model.get_submodule(name))
-    original = weight.detach().clone()
+    return ctx, name, weight, weight.detach().clone()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_weight_writer_refuses_non_finite(tok, bad):
+    ctx, name, weight, original = _writer_target(tok)
     delta = torch.full_like(original, 1e-3)
     delta[3, 5] = bad
     with pytest.raises(NonFiniteUpdateError):
@@ -680,12 +685,7 @@ def test_weight_writer_refuses_non_finite(tok, bad):
 
 
 def test_weight_writer_refuses_wrong_shape_and_writes_linear_layout(tok):
-    model = tiny_llama(layers=2)
-    templates = resolve_templates(model)
-    ctx = EditContext(model, tok, templates, "writer")
-    name = templates.down_proj_at(1)
-    weight = linear_weight(model.get_submodule(name))
-    original = weight.detach().clone()
+    ctx, name, weight, original = _writer_target(tok)
     for shape in [original.shape[::-1], (original.shape[0], original.shape[1] - 1), (original.numel(),)]:
         with pytest.raises(ValueError):
             WeightWriter(ctx).write(name, torch.zeros(shape))
