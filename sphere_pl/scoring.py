@@ -60,45 +60,55 @@ def target_nll(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Seq
         return nll
     encoded = _encode(tokenizer, prompts, targets)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
     was_training = model.training
     model.eval()
     try:
-        _score_batches(model, encoded, order, pad_id, batch_size, nll)
+        _score_batches(model, encoded, pad_id, batch_size, nll)
     finally:
         model.train(was_training)
     return nll
 
 
-def _score_batches(model, encoded, order, pad_id, batch_size, nll) -> None:
+def _score_batches(model, encoded, pad_id, batch_size, nll) -> None:
+    """Scores every example; examples that feed the model the same tokens share one row.
+
+    The model reads prompt + target[:-1]; for single-token targets that is the prompt alone,
+    so the new and the true target of a prompt come out of one forward pass. Distinct inputs
+    are length-sorted so batches pad little.
+    """
     device, out_dtype = nll.device, nll.dtype
     base = model.base_model
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        seqs = [encoded[i][0] + encoded[i][1] for i in chunk]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        rows, positions, target_ids = [], [], []
-        for row, (i, seq) in enumerate(zip(chunk, seqs)):
+    examples_of: dict[tuple[int, ...], list[int]] = {}
+    for i, (prompt_ids, target_ids) in enumerate(encoded):
+        examples_of.setdefault(tuple(prompt_ids + target_ids[:-1]), []).append(i)
+    distinct = sorted(examples_of, key=len)
+    totals = torch.zeros(len(encoded), dtype=out_dtype, device=device)
+    for start in range(0, len(distinct), batch_size):
+        chunk = distinct[start : start + batch_size]
+        width = max(len(seq) for seq in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        rows, positions, target_ids, example_ids = [], [], [], []
+        for row, seq in enumerate(chunk):
             input_ids[row, : len(seq)] = torch.tensor(seq)
             attention_mask[row, : len(seq)] = 1
-            n_prompt, n_target = len(encoded[i][0]), len(encoded[i][1])
-            # the logits at position p predict token p + 1
-            positions.extend(range(n_prompt - 1, n_prompt + n_target - 1))
-            rows.extend([row] * n_target)
-            target_ids.extend(encoded[i][1])
+            for i in examples_of[seq]:
+                n_prompt, n_target = len(encoded[i][0]), len(encoded[i][1])
+                # the logits at position p predict token p + 1
+                positions.extend(range(n_prompt - 1, n_prompt + n_target - 1))
+                rows.extend([row] * n_target)
+                target_ids.extend(encoded[i][1])
+                example_ids.extend([i] * n_target)
 
         hidden = base(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
         ).last_hidden_state
-        rows_t = torch.tensor(rows, device=device)
-        picked = hidden[rows_t, torch.tensor(positions, device=device)]  # (n target tokens, d)
+        picked = hidden[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]  # (n target tokens, d)
         logprobs = torch.log_softmax(_lm_head_logits(model, picked).to(out_dtype), dim=-1)
         token_nll = -logprobs.gather(1, torch.tensor(target_ids, device=device)[:, None])[:, 0]
-        sums = torch.zeros(len(chunk), dtype=out_dtype, device=device).index_add_(0, rows_t, token_nll)
-        counts = torch.tensor([len(encoded[i][1]) for i in chunk], dtype=out_dtype, device=device)
-        nll[torch.tensor(chunk, device=device)] = sums / counts
+        totals.index_add_(0, torch.tensor(example_ids, device=device), token_nll)
+    counts = torch.tensor([len(target) for _, target in encoded], dtype=out_dtype, device=device)
+    nll.copy_(totals / counts)
 
 
 def compare_targets(

@@ -105,6 +105,24 @@ def test_compare_targets_is_two_target_nll_calls(tiny):
         compare_targets(model, tok, PROMPTS, new[:2], TARGETS)
 
 
+def test_targets_that_share_the_model_input_share_one_row(tiny, model64):
+    """With one-token targets (here: one byte after the space) a prompt's new and true target are
+    read from the same forward pass; the values still equal one-at-a-time brute force."""
+    model, tok = tiny
+    new, true = ["A"] * len(PROMPTS), ["B"] * len(PROMPTS)
+    rows = []
+    handle = model64.base_model.register_forward_hook(lambda m, a, k, out: rows.append(k["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        nll_new, nll_true = compare_targets(model64, tok, PROMPTS, new, true, batch_size=4)
+    finally:
+        handle.remove()
+    assert sum(rows) == len(set(PROMPTS))  # one row per distinct prompt, not two
+    expected_new = [brute_force_nll(model64, tok, p, "A") for p in PROMPTS]
+    expected_true = [brute_force_nll(model64, tok, p, "B") for p in PROMPTS]
+    torch.testing.assert_close(nll_new, torch.tensor(expected_new, dtype=torch.float64), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(nll_true, torch.tensor(expected_true, dtype=torch.float64), rtol=1e-10, atol=1e-10)
+
+
 # ---------------------------------------------------------------- metrics
 
 
