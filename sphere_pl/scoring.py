@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .tracing import pad_id_lists
+
 
 def _encode(tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, target ids) per example; the target gets its leading space here."""
@@ -85,13 +87,9 @@ def _score_batches(model, encoded, pad_id, batch_size, nll) -> None:
     totals = torch.zeros(len(encoded), dtype=out_dtype, device=device)
     for start in range(0, len(distinct), batch_size):
         chunk = distinct[start : start + batch_size]
-        width = max(len(seq) for seq in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        batch = pad_id_lists([list(seq) for seq in chunk], pad_id, device)
         rows, positions, target_ids, example_ids = [], [], [], []
         for row, seq in enumerate(chunk):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            attention_mask[row, : len(seq)] = 1
             for i in examples_of[seq]:
                 n_prompt, n_target = len(encoded[i][0]), len(encoded[i][1])
                 # the logits at position p predict token p + 1
@@ -100,9 +98,7 @@ def _score_batches(model, encoded, pad_id, batch_size, nll) -> None:
                 target_ids.extend(encoded[i][1])
                 example_ids.extend([i] * n_target)
 
-        hidden = base(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
-        ).last_hidden_state
+        hidden = base(**batch, use_cache=False).last_hidden_state
         picked = hidden[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]  # (n target tokens, d)
         logprobs = torch.log_softmax(_lm_head_logits(model, picked).to(out_dtype), dim=-1)
         token_nll = -logprobs.gather(1, torch.tensor(target_ids, device=device)[:, None])[:, 0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -134,18 +135,18 @@ def second_moments(model, tokenizer, templates: ModuleTemplates, layers: list[in
     device = next(model.parameters()).device
     dataset, text_field = load_corpus(cfg)
     sums = {layer: None for layer in missing}
-    count = 0
+    count = 0  # token positions accumulated
     stop = templates.layer_at(max(missing))
     sequences = _token_sequences(dataset, text_field, tokenizer, cfg.seq_len)
     with tqdm(total=cfg.num_samples, desc="key statistics", unit="seq") as bar:
-        while count < cfg.num_samples * cfg.seq_len:
-            chunk = [s for _, s in zip(range(min(cfg.batch_size, cfg.num_samples - bar.n)), sequences)]
+        while bar.n < cfg.num_samples:
+            chunk = list(itertools.islice(sequences, min(cfg.batch_size, cfg.num_samples - bar.n)))
             if not chunk:
                 break
             ids = torch.tensor(chunk, device=device)
             found = capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, inputs_of=[names[l] for l in missing], stop_after=stop)
             for layer in missing:
-                keys = found[("in", names[layer])].reshape(-1, found[("in", names[layer])].shape[-1]).float()
+                keys = found[("in", names[layer])].flatten(0, -2).float()
                 moment = keys.T @ keys
                 sums[layer] = moment if sums[layer] is None else sums[layer] + moment
             count += ids.numel()

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from .models import ModuleTemplates
 
@@ -91,11 +92,6 @@ def pad_id_lists(id_lists: list[list[int]], pad_id: int, device) -> dict:
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
-def base_model_name(templates: ModuleTemplates) -> str:
-    """The module that owns the block list (e.g. `model` in LlamaForCausalLM)."""
-    return templates.layers.rsplit(".", 1)[0]
-
-
 @contextmanager
 def _swapped(parent: nn.Module, attr: str, replacement: nn.Module):
     original = getattr(parent, attr)
@@ -114,10 +110,9 @@ def upper_blocks(model: nn.Module, templates: ModuleTemplates, start: int, stop:
     the embedding stage made of it (learned positions, scaling), so this works for any
     family. The kept blocks' cache slots are renumbered from 0 so a KV cache holds just them.
     """
-    base = model.get_submodule(base_model_name(templates))
-    layers_parent_name, layers_attr = templates.layers.rsplit(".", 1)
-    layers_parent = model.get_submodule(layers_parent_name)
-    tail = list(getattr(layers_parent, layers_attr))[start:stop]
+    base_name, layers_attr = templates.layers.rsplit(".", 1)
+    base = model.get_submodule(base_name)  # owns the block list (e.g. `model` in LlamaForCausalLM)
+    tail = list(getattr(base, layers_attr))[start:stop]
     numbered = [
         (m, m.layer_idx, j) for j, block in enumerate(tail) for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)
     ]
@@ -134,7 +129,7 @@ def upper_blocks(model: nn.Module, templates: ModuleTemplates, start: int, stop:
         finally:
             handle.remove()
 
-    with _swapped(layers_parent, layers_attr, nn.ModuleList(tail)):
+    with _swapped(base, layers_attr, nn.ModuleList(tail)):
         for m, _, j in numbered:
             m.layer_idx = j
         try:
@@ -166,9 +161,6 @@ class SuffixRunner:
     """
 
     def __init__(self, model, templates: ModuleTemplates, hidden: torch.Tensor, attention_mask: torch.Tensor, split: torch.Tensor, start: int, stop: int | None = None):
-        from transformers import DynamicCache
-
-        self._cache_class = DynamicCache
         self.model, self.templates, self.start, self.stop = model, templates, start, stop
         device = hidden.device
         lengths = attention_mask.sum(dim=1)
@@ -204,7 +196,7 @@ class SuffixRunner:
         kwargs = {"use_cache": False}
         mask = self.suffix_mask[rows]
         if self.kv is not None:
-            cache = self._cache_class(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.kv])
+            cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.kv])
             kwargs = {"past_key_values": cache, "use_cache": True}
             mask = torch.cat([self.prefix_mask[rows], mask], dim=1)
         with upper_blocks(self.model, self.templates, self.start, self.stop) as forward:

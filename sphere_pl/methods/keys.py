@@ -12,7 +12,7 @@ from einops import rearrange
 
 from ..models import ModuleTemplates
 from ..requests import EditRequest
-from ..tracing import capture, token_positions, tokenize, upper_blocks
+from ..tracing import capture, run_from_layer, token_positions, tokenize
 
 GENERATION_PREFIXES = ("The", "Therefore", "Because", "I", "You")
 
@@ -100,8 +100,7 @@ class KeyReader:
             rows = torch.arange(hidden.shape[0], device=hidden.device)
 
             def run(hidden=hidden, mask=mask):
-                with upper_blocks(self.model, self.templates, self.from_layer, max(needed) + 1) as forward:
-                    forward(hidden, attention_mask=mask, use_cache=False)
+                run_from_layer(self.model, self.templates, hidden, mask, self.from_layer, max(needed) + 1)
 
             found = capture(self.model, None, inputs_of=key_names, outputs_of=[out_name] if out_name else [], run=run)
             for layer, name in zip(key_layers, key_names):

@@ -116,7 +116,7 @@ def _build_problem(tokenizer, requests: list[EditRequest], context_groups: list[
 def _request_losses(p: _Problem, seqs: torch.Tensor, final_at, lm_head, kl_init, delta, h_norm, hp: ValueOptimization):
     """Per-request loss terms for the sequences `seqs` (a sorted subset), given
     `final_at(seq_index_tensor, positions) -> final-normed hidden states`.
-    Returns (loss (n,), nll (n,), kl_log_probs (k, V) for the KL sequences in `seqs`).
+    Returns (loss (n,), kl_log_probs (k, V) for the KL sequences in `seqs`).
     """
     n = p.num_requests
     in_set = torch.zeros(p.seq_request.shape[0], dtype=torch.bool, device=seqs.device)
@@ -142,7 +142,7 @@ def _request_losses(p: _Problem, seqs: torch.Tensor, final_at, lm_head, kl_init,
         # KL(original || edited), one KL prompt per request
         kl = kl.index_add(0, p.seq_request[kl_seqs], (init.exp() * (init - kl_log_probs)).sum(-1))
     decay = hp.weight_decay * delta.norm(dim=-1) / h_norm**2
-    return nll + hp.kl_factor * kl + decay, nll, kl_log_probs
+    return nll + hp.kl_factor * kl + decay, kl_log_probs
 
 
 def _check_layers(model, templates: ModuleTemplates, layer: int, hp: ValueOptimization) -> int:
@@ -186,7 +186,7 @@ def optimize_values(model, tokenizer, templates: ModuleTemplates, requests: list
         def final_at(seq_idx, pos):
             return final[remap[seq_idx], pos - p.lookup[seq_idx]]  # suffixes start at the lookup token
 
-        loss, nll, kl_log_probs = _request_losses(p, seqs, final_at, lm_head, kl_init, delta, h_norm, hp)
+        loss, kl_log_probs = _request_losses(p, seqs, final_at, lm_head, kl_init, delta, h_norm, hp)
         if kl_init is None:
             kl_init = kl_log_probs.new_zeros(n, kl_log_probs.shape[-1])
             kl_init[p.seq_request[seqs[p.is_kl[seqs]]]] = kl_log_probs.detach()
