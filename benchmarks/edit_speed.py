@@ -3,6 +3,7 @@
     python benchmarks/edit_speed.py                      # fast path, 30 quickstart edits in batches of 10
     python benchmarks/edit_speed.py --reference          # per-request value optimisation with full forward passes
     python benchmarks/edit_speed.py --fresh-stats        # also time the key statistics (empty cache)
+    python benchmarks/edit_speed.py --hparams paper --data counterfact   # the paper's LLaMA3-8B settings, real CounterFact
 
 It runs the real Lightning loop (SequentialEditor + EditDataModule, CSV logging, no
 checkpoints) and reads the editor's phase timer. Statistics are a one-off cost per model
@@ -21,12 +22,18 @@ import lightning as L
 import torch
 
 from sphere_pl import AlphaEdit, EditDataModule, HypersphericalEnergyMonitor, SequentialEditor, SphereProjection
-from sphere_pl.methods import values as values_module
-from sphere_pl.methods.values import ValueOptimization
-from sphere_pl.stats import KeyStatistics
+from sphere_pl.editing import values as values_module
+from sphere_pl.editing.stats import KeyStatistics
+from sphere_pl.editing.values import ValueOptimization
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-val.json"
+# value-optimisation settings: the quickstart's (SPEC's Qwen2.5-7B starting point) and the paper's LLaMA3-8B ones
+HPARAMS = {
+    "quickstart": dict(lr=0.5, clamp_norm_factor=4.0, weight_decay=1e-3),
+    "paper": dict(lr=0.1, clamp_norm_factor=0.75, weight_decay=0.5),
+}
 PHASES = ["statistics", "value_optimisation", "keys", "solve", "projection", "he", "evaluation"]
 
 
@@ -42,6 +49,8 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="straightforward one-request-at-a-time value optimisation")
     parser.add_argument("--fresh-stats", action="store_true", help="compute key statistics into an empty cache")
     parser.add_argument("--stats-samples", type=int, default=200)
+    parser.add_argument("--hparams", choices=sorted(HPARAMS), default="quickstart", help="value-optimisation settings")
+    parser.add_argument("--data", default="quickstart", help="quickstart, or 'counterfact' for real CounterFact records (../shared/data)")
     args = parser.parse_args()
 
     if args.reference:  # swap the value solver for the per-request reference (same signature, returns z only)
@@ -49,22 +58,23 @@ def main() -> None:
 
         def reference(*a, **k):
             z = values_module.optimize_values_reference(*a, **k)
-            return z, {"loss": torch.zeros(1), "steps": torch.zeros(1)}
+            return z, {"loss": torch.zeros(1), "steps": torch.zeros(1), "delta_norm": torch.ones(1), "initial_loss": torch.ones(1)}
 
-        import sphere_pl.methods.alphaedit as alphaedit_module
+        import sphere_pl.editing.methods.base as base_module
 
-        alphaedit_module.optimize_values = reference
+        base_module.optimize_values = reference
         assert values_module_fast is not reference
 
     cache = tempfile.mkdtemp() if args.fresh_stats else "~/.cache/sphere_pl/stats"
     method = AlphaEdit(
-        values=ValueOptimization(num_grad_steps=args.steps, lr=0.5, clamp_norm_factor=4.0, weight_decay=1e-3),
+        values=ValueOptimization(num_grad_steps=args.steps, **HPARAMS[args.hparams]),
         stats=KeyStatistics(corpus=str(CORPUS), num_samples=args.stats_samples, seq_len=256, cache_dir=cache),
     )
     start = time.perf_counter()
-    editor = SequentialEditor(method=method, projection=SphereProjection(0.5, 0.5), eval_every=1)
+    editor = SequentialEditor(method=method, filters=[SphereProjection(0.5, 0.5)], eval_every=1)
     load_s = time.perf_counter() - start
-    data = EditDataModule(num_edits=args.batch, dataset_size_limit=args.edits, num_holdout=2, shuffle=False)
+    source = str(COUNTERFACT) if args.data == "counterfact" else args.data
+    data = EditDataModule(source=source, num_edits=args.batch, dataset_size_limit=args.edits, num_holdout=2, shuffle=False)
     trainer = L.Trainer(
         max_epochs=1,
         logger=L.pytorch.loggers.CSVLogger(tempfile.mkdtemp()),
@@ -80,16 +90,17 @@ def main() -> None:
     trainer.fit(editor, data)
     total = time.perf_counter() - start
 
-    seconds = dict(editor.ctx.timer.seconds)
-    n = editor.edits_applied
+    seconds = dict(editor.editor.timer.seconds)
+    n = editor.editor.edits_applied
     # one-off costs: statistics (cached after the first run) and the rest of set-up
     # (null-space projectors, context templates); "setup" includes "statistics"
     setup_s = seconds.pop("setup", 0.0)
     statistics_s = seconds.pop("statistics", 0.0)
     per_edit = total - setup_s
-    print(f"device: {editor.device}, torch threads: {torch.get_num_threads()}, model load {load_s:.1f} s")
+    print(f"device: {editor.editor.lm.device}, torch threads: {torch.get_num_threads()}, model load {load_s:.1f} s")
     print(f"mode: {'reference (per request, full forward passes)' if args.reference else 'fast (batched, prefix-cached)'}; "
-          f"{n} edits in batches of {args.batch}, {args.steps} value steps")
+          f"{n} edits from {args.data} in batches of {args.batch}, {args.steps} value steps, {args.hparams} hyper-parameters "
+          f"{HPARAMS[args.hparams]}")
     print(f"one-off: statistics {statistics_s:.1f} s ({'forced to compute' if args.fresh_stats else 'computed only when not cached'}), "
           f"other set-up {setup_s - statistics_s:.1f} s")
     print(f"{'phase':<22}{'s/edit':>10}")

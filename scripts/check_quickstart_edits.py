@@ -22,10 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sphere_pl.models import load_model_and_tokenizer  # noqa: E402
-from sphere_pl.data_readers import load_edit_requests  # noqa: E402
-from sphere_pl.scoring import compare_targets  # noqa: E402
+from sphere_pl.data.readers import load_edit_requests  # noqa: E402
+from sphere_pl.evaluation.scoring import compare_targets  # noqa: E402
 
-DEFAULT_PATH = REPO / "sphere_pl" / "quickstart_edits.json"
+DEFAULT_PATH = REPO / "sphere_pl" / "data" / "quickstart_edits.json"
 
 
 def main(argv: list[str] | None = None) -> int:

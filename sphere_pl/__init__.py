@@ -1,18 +1,37 @@
-"""sphere_pl: sequential knowledge editing of language models with SPHERE, on PyTorch Lightning."""
+"""sphere_pl: sequential knowledge editing of language models with SPHERE, on PyTorch Lightning.
 
-from .callbacks import EditCheckpoint, HypersphericalEnergyMonitor
-from .datamodule import EditDataModule
-from .methods import AlphaEdit, EditMethod
-from .module import SequentialEditor
-from .projection import SphereProjection
+The editing core (`Editor`, `Patch`, methods) runs without Lightning; `sphere_pl.lightning`
+wraps it for configured, logged, checkpointed runs (`python -m sphere_pl fit --config ...`).
+"""
+
+from .data import EditBatch, EditDataError, EditRequest, load_edit_requests
+from .editing import METHODS, AlphaEdit, EditFailedError, EditMethod, Editor, LocateThenEdit, Patch, PatchError, create_method, register_method
+from .models import load_model_and_tokenizer
+from .sphere import SphereProjection, hyperspherical_energy
+from .lightning import EditCheckpoint, EditDataModule, HypersphericalEnergyMonitor, RunSummary, SequentialEditor
 
 __all__ = [
+    "METHODS",
     "AlphaEdit",
+    "EditBatch",
     "EditCheckpoint",
+    "EditDataError",
     "EditDataModule",
+    "EditFailedError",
     "EditMethod",
+    "EditRequest",
+    "Editor",
     "HypersphericalEnergyMonitor",
+    "LocateThenEdit",
+    "Patch",
+    "PatchError",
+    "RunSummary",
     "SequentialEditor",
     "SphereProjection",
+    "create_method",
+    "hyperspherical_energy",
+    "load_edit_requests",
+    "load_model_and_tokenizer",
+    "register_method",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

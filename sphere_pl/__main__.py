@@ -1,3 +1,3 @@
-from .cli import main
+from .lightning.cli import main
 
 main()

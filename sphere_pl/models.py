@@ -6,8 +6,10 @@ Edited weights are always handled in `nn.Linear` layout (d_out x d_in); GPT-2's
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -106,13 +108,6 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def add_to_linear_weight(module: nn.Module, delta: torch.Tensor) -> None:
-    """In place: weight += delta, with delta in nn.Linear layout."""
-    w = module.weight
-    w.add_((delta.T if _is_transposed(module) else delta).to(dtype=w.dtype, device=w.device))
-
-
-@torch.no_grad()
 def set_linear_weight(module: nn.Module, value: torch.Tensor) -> None:
     w = module.weight
     w.copy_((value.T if _is_transposed(module) else value).to(dtype=w.dtype, device=w.device))
@@ -146,15 +141,18 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_model_and_tokenizer(name_or_path: str | None = None, dtype: str = "float32", gguf_file: str | None = None):
+def load_model_and_tokenizer(
+    name_or_path: str | None = None, dtype: str = "float32", gguf_file: str | None = None, trust_remote_code: bool = False
+):
     """A Hugging Face causal LM and its tokenizer, by hub name or local path.
 
     `None` or `EMBEDDED_MODEL` loads the offline SmolLM2-135M-Instruct (GGUF, dequantised).
-    The tokenizer pads on the right and always has a pad token.
+    The tokenizer pads on the right and always has a pad token. A repository's own code
+    runs only with `trust_remote_code=True`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {}
+    kwargs = {"trust_remote_code": trust_remote_code}
     if name_or_path in (None, "", EMBEDDED_MODEL):
         name_or_path, gguf_file = embedded_model_path()
     if gguf_file:
@@ -174,34 +172,29 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 257, hidden_size: int = 32, intermediate_size: int = 64, layers: int = 4):
-    """A randomly initialised LLaMA for unit tests (milliseconds to build)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def weights_fingerprint(model: nn.Module, keep: Callable[[str], bool] = lambda name: True, per_tensor: int = 4096) -> str:
+    """Short hash of a strided sample of every parameter whose name passes `keep`.
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    Cheap even for billions of parameters (about `per_tensor` values per tensor), exact
+    (sampled bytes, not rounded sums) and the same on every device: it tells a model, or
+    weights changed under the same path, apart from the one a file was made for.
+    """
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if not keep(name):
+            continue
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // per_tensor)].float().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
-def tiny_tokenizer():
-    """A byte-level tokenizer (one token per byte, no merges) for unit tests; needs no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<eos>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
-    return prepare_tokenizer(tokenizer)
+def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """Hash of the exact bytes of `tensors`: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(str((tuple(t.shape), t.dtype)).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]

@@ -23,7 +23,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A tiny random LLaMA + byte tokenizer written with save_pretrained, loaded by local path."""
-    from sphere_pl.models import tiny_llama, tiny_tokenizer
+    from helpers import tiny_llama, tiny_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama(seed=0).save_pretrained(path)
@@ -39,9 +39,9 @@ def stats_cache(tmp_path_factory) -> str:
 @pytest.fixture
 def tiny_method(stats_cache):
     """Factory of a small AlphaEdit for the tiny model (layers 1, 2; few steps; fixed contexts)."""
-    from sphere_pl.methods import AlphaEdit
-    from sphere_pl.methods.values import ValueOptimization
-    from sphere_pl.stats import KeyStatistics
+    from sphere_pl.editing.methods import AlphaEdit
+    from sphere_pl.editing.values import ValueOptimization
+    from sphere_pl.editing.stats import KeyStatistics
 
     def make(**overrides):
         kwargs = dict(

@@ -1,0 +1,290 @@
+"""Readers turning CounterFact-style JSON files into validated `EditRequest`s.
+
+Records are read through Hugging Face `datasets` (`load_dataset("json", ...)`), so a URL is
+downloaded once into `cache_dir` and reused afterwards. Two schemas are understood:
+
+* ``counterfact``: ROME/MEMIT CounterFact and multi-CounterFact,
+  ``{case_id, requested_rewrite{prompt, subject, target_new{str}, target_true{str}},
+  paraphrase_prompts[], neighborhood_prompts[], ...}``.
+* ``mend_counterfact``: the flat MEND/EasyEdit split, ``{case_id, prompt, subject,
+  target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth}``.
+
+Every record is checked before anything is returned; a bad record raises `EditDataError`
+naming its case_id (or ``#index`` when it has none) and the offending field.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets
+
+from .records import EditDataError, EditRequest
+
+DSETS_BASE_URL = "https://memit.baulab.info/data/dsets/"
+COUNTERFACT_URL = DSETS_BASE_URL + "counterfact.json"
+MULTI_COUNTERFACT_URL = DSETS_BASE_URL + "multi_counterfact.json"
+
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "sphere_pl", "data")
+
+QUICKSTART = "quickstart"
+QUICKSTART_PATH = Path(__file__).with_name("quickstart_edits.json")
+# Named sources: the project's offline set and the canonical remote CounterFact files.
+NAMED_SOURCES = {QUICKSTART: str(QUICKSTART_PATH), "counterfact": COUNTERFACT_URL, "multi_counterfact": MULTI_COUNTERFACT_URL}
+
+class EditSourceError(ValueError):
+    """An edit data file or URL that cannot be read as records (the message names it)."""
+
+
+# ---------------------------------------------------------------------------------------
+# small field helpers shared by the readers
+
+
+def _case_id(raw: dict, index: int, source: str | None) -> int | str:
+    cid = raw.get("case_id")
+    name = f"#{index}"
+    if cid is None:
+        raise EditDataError(name, "case_id", "is missing", source)
+    if isinstance(cid, float) and cid.is_integer():  # Arrow may widen a mixed int column to float
+        cid = int(cid)
+    if isinstance(cid, bool) or not isinstance(cid, (int, str)):
+        raise EditDataError(name, "case_id", f"expected an int or string, got {type(cid).__name__} {cid!r}", source)
+    if isinstance(cid, str) and not cid.strip():
+        raise EditDataError(name, "case_id", "is empty", source)
+    return cid
+
+
+def _get(container: Any, key: str, case_id, path: str, source: str | None) -> Any:
+    """`container[key]`, treating None (how `datasets` fills absent keys) as missing."""
+    value = container.get(key) if isinstance(container, dict) else None
+    if value is None:
+        raise EditDataError(case_id, path, "is missing", source)
+    return value
+
+
+def _string(value: Any, case_id, path: str, source: str | None) -> str:
+    if not isinstance(value, str):
+        raise EditDataError(case_id, path, f"expected a string, got {type(value).__name__} {value!r}", source)
+    if not value.strip():
+        raise EditDataError(case_id, path, "is empty", source)
+    return value
+
+
+def _prompt_list(value: Any, case_id, path: str, source: str | None) -> tuple[str, ...]:
+    """A list of prompts; items are strings or dicts with a "prompt" key."""
+    if not isinstance(value, (list, tuple)):
+        raise EditDataError(case_id, path, f"expected a list of prompts, got {type(value).__name__}", source)
+    prompts = []
+    for i, item in enumerate(value):
+        if isinstance(item, dict):
+            item = _get(item, "prompt", case_id, f"{path}[{i}].prompt", source)
+        prompts.append(_string(item, case_id, f"{path}[{i}]", source))
+    return tuple(prompts)
+
+
+def _check_template(template: str, subject: str, case_id, path: str, source: str | None) -> None:
+    if template.count("{}") != 1:
+        raise EditDataError(case_id, path, f"must contain the placeholder '{{}}' exactly once: {template!r}", source)
+    try:
+        template.format(subject)
+    except (IndexError, KeyError, ValueError) as e:
+        raise EditDataError(case_id, path, f"is not a valid template ({e}): {template!r}", source) from None
+
+
+def _build(case_id, source: str | None, **fields) -> EditRequest:
+    """EditRequest(...), re-raising its own validation errors with the source attached."""
+    try:
+        return EditRequest(case_id=case_id, **fields)
+    except EditDataError as e:
+        problem = e.problem
+        raise EditDataError(case_id, e.field, problem, source) from None
+
+
+# ---------------------------------------------------------------------------------------
+# one reader per schema: raw record dict -> EditRequest
+
+
+def read_counterfact_record(raw: dict, index: int, source: str | None = None) -> EditRequest:
+    """One ROME/MEMIT CounterFact or multi-CounterFact record.
+
+    ``requested_rewrite`` is normally a dict. If it is a list (as some multi-CounterFact
+    variants store it), a one-element list is unwrapped; with several rewrites only the
+    **first** is used (a `UserWarning` says so): the record's paraphrase and neighborhood
+    prompts and its case_id are shared by all of them, so splitting it into several
+    requests would be ambiguous (which prompts test which rewrite?) and would duplicate
+    case_ids. ``neighborhood_true`` is the rewrite's ``target_true``.
+    """
+    cid = _case_id(raw, index, source)
+    rw = _get(raw, "requested_rewrite", cid, "requested_rewrite", source)
+    rw_path = "requested_rewrite"
+    if isinstance(rw, list):
+        if not rw:
+            raise EditDataError(cid, rw_path, "is an empty list", source)
+        if len(rw) > 1:
+            warnings.warn(
+                "CounterFact record with several requested_rewrite entries: only the first is used",
+                stacklevel=3,
+            )
+        rw, rw_path = rw[0], "requested_rewrite[0]"
+    if not isinstance(rw, dict):
+        raise EditDataError(cid, rw_path, f"expected an object, got {type(rw).__name__}", source)
+
+    subject = _string(_get(rw, "subject", cid, f"{rw_path}.subject", source), cid, f"{rw_path}.subject", source)
+    prompt = _string(_get(rw, "prompt", cid, f"{rw_path}.prompt", source), cid, f"{rw_path}.prompt", source)
+    _check_template(prompt, subject, cid, f"{rw_path}.prompt", source)
+    targets = {}
+    for key in ("target_new", "target_true"):
+        target = _get(rw, key, cid, f"{rw_path}.{key}", source)
+        path = f"{rw_path}.{key}"
+        if isinstance(target, dict):  # {"str": ..., "id": ...}
+            target, path = _get(target, "str", cid, f"{path}.str", source), f"{path}.str"
+        targets[key] = _string(target, cid, path, source)
+
+    paraphrases = _prompt_list(
+        _get(raw, "paraphrase_prompts", cid, "paraphrase_prompts", source), cid, "paraphrase_prompts", source
+    )
+    neighborhood = _prompt_list(
+        _get(raw, "neighborhood_prompts", cid, "neighborhood_prompts", source), cid, "neighborhood_prompts", source
+    )
+    return _build(
+        cid,
+        source,
+        prompt=prompt,
+        subject=subject,
+        target_new=targets["target_new"],
+        target_true=targets["target_true"],
+        paraphrase_prompts=paraphrases,
+        neighborhood_prompts=neighborhood,
+        neighborhood_true=targets["target_true"],
+    )
+
+
+def read_mend_counterfact_record(raw: dict, index: int, source: str | None = None) -> EditRequest:
+    """One flat MEND/EasyEdit CounterFact record.
+
+    ``prompt`` has the subject filled in; the template replaces the subject's first
+    occurrence with ``{}``. ``rephrase_prompt`` and ``locality_prompt`` become the single
+    paraphrase and neighborhood prompt, ``locality_ground_truth`` the neighborhood answer.
+    """
+    cid = _case_id(raw, index, source)
+
+    def field(name: str) -> str:
+        return _string(_get(raw, name, cid, name, source), cid, name, source)
+
+    prompt, subject = field("prompt"), field("subject")
+    target_new, target_true = field("target_new"), field("ground_truth")
+    rephrase, locality = field("rephrase_prompt"), field("locality_prompt")
+    locality_true = field("locality_ground_truth")
+    if "{" in prompt or "}" in prompt:
+        raise EditDataError(cid, "prompt", f"contains braces, cannot build a template: {prompt!r}", source)
+    if subject not in prompt:
+        raise EditDataError(cid, "subject", f"{subject!r} does not occur in prompt {prompt!r}", source)
+    template = prompt.replace(subject, "{}", 1)
+    return _build(
+        cid,
+        source,
+        prompt=template,
+        subject=subject,
+        target_new=target_new,
+        target_true=target_true,
+        paraphrase_prompts=(rephrase,),
+        neighborhood_prompts=(locality,),
+        neighborhood_true=locality_true,
+    )
+
+
+READERS: dict[str, Callable[..., EditRequest]] = {
+    "counterfact": read_counterfact_record,
+    "mend_counterfact": read_mend_counterfact_record,
+}
+
+
+def detect_schema(keys, source: str | None = None) -> str:
+    """Schema name from a record's keys (`requested_rewrite` -> counterfact, ...)."""
+    keys = set(keys)
+    if "requested_rewrite" in keys:
+        return "counterfact"
+    if {"prompt", "ground_truth"} <= keys:
+        return "mend_counterfact"
+    where = f" in {source}" if source else ""
+    raise EditSourceError(
+        f"cannot detect the edit data schema{where}: keys found {sorted(keys)}; expected 'requested_rewrite' "
+        f"(counterfact) or 'prompt' + 'ground_truth' (mend_counterfact); pass schema= explicitly"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def _load_records(source: str, cache_dir: str | None) -> datasets.Dataset:
+    if not _is_url(source):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"edit data file not found: {source}")
+        if not path.is_file():
+            raise EditSourceError(f"edit data source is not a file: {source}")
+    cache = os.path.expanduser(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR)
+    try:
+        ds = datasets.load_dataset("json", data_files=source, split="train", cache_dir=cache)
+    except Exception as e:  # datasets/pyarrow/network errors: name the source, keep the cause
+        cause = e.__cause__ or e.__context__
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if cause is not None and str(cause):
+            detail += f" (caused by {type(cause).__name__}: {cause})"
+        raise EditSourceError(f"cannot read edit data from {source}: {detail}") from e
+    return ds
+
+
+def load_edit_requests(
+    source: str | os.PathLike,
+    schema: str = "auto",
+    cache_dir: str | None = None,
+    limit: int | None = None,
+) -> list[EditRequest]:
+    """Read and validate edit requests from a local JSON/JSONL file or an http(s) URL.
+
+    schema: "counterfact", "mend_counterfact" or "auto" (detected from the first record's
+    keys; `datasets` reports every column of the file for each record).
+    cache_dir: where `datasets` keeps downloads and its Arrow cache
+    (default ``~/.cache/sphere_pl/data``).
+    limit: keep only the first `limit` records; those kept are validated.
+
+    Raises FileNotFoundError for a missing local file, EditSourceError for an unreadable or
+    malformed source (or an undetectable schema), and EditDataError for a bad record
+    (missing field, wrong type, empty value, subject absent from prompt, duplicate case_id).
+    Nothing is returned unless every kept record is valid.
+    """
+    source = os.fspath(source)
+    if schema != "auto" and schema not in READERS:
+        raise ValueError(f"unknown edit data schema {schema!r}; choose 'auto' or one of {sorted(READERS)}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+
+    ds = _load_records(source, cache_dir)
+    if len(ds) == 0:
+        raise EditSourceError(f"no records in edit data {source}")
+    if schema == "auto":
+        schema = detect_schema(ds.column_names, source)
+    if limit is not None and limit < len(ds):
+        ds = ds.select(range(limit))
+
+    reader = READERS[schema]
+    requests: list[EditRequest] = []
+    seen: dict[Any, int] = {}
+    for index, raw in enumerate(ds):
+        request = reader(raw, index, source)
+        if request.case_id in seen:
+            raise EditDataError(
+                request.case_id, "case_id", f"duplicate: record #{index} repeats record #{seen[request.case_id]}", source
+            )
+        seen[request.case_id] = index
+        requests.append(request)
+    return requests

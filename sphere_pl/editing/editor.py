@@ -1,0 +1,348 @@
+"""`Editor`: sequential editing of a loaded causal LM, without Lightning.
+
+    model, tokenizer = load_model_and_tokenizer("path/or/hub-name")
+    editor = Editor(model, tokenizer, method="alphaedit", filters=[SphereProjection()])
+    patch = editor.apply(requests)        # one edit batch; returns its Patch
+    editor.evaluate(requests)             # CounterFact scores
+    patch.save("batch-0.safetensors")
+    editor.revert(patch)                  # exactly as before the batch
+
+Everything a resume needs is in `state_dict()`. A batch is applied whole or not at all:
+when anything fails, the edited weights are restored and the method's state is untouched
+(methods change state only in `commit`, after every write succeeded).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..data.records import EditDataError, EditRequest
+from ..evaluation.counterfact import CounterFactEvaluator
+from ..models import linear_weight, prepare_tokenizer, resolve_templates, set_linear_weight
+from .lm import LoadedModel
+from .methods.base import EditMethod, create_method
+from ..models import tensors_digest
+from .patch import ModuleChange, Patch, PatchError, base_fingerprint, edited_digest
+from .writer import DeltaFilter, WeightWriter
+
+log = logging.getLogger(__name__)
+
+
+class EditFailedError(RuntimeError):
+    """An edit batch could not be applied; the model and the method are as before it."""
+
+
+class Editor:
+    """Args:
+    model: an already-loaded Hugging Face causal LM (edited in place).
+    tokenizer: its tokenizer (set to right padding, given a pad token if it has none).
+    method: an `EditMethod` or a registered name ("alphaedit").
+    filters: delta filters run on every delta after the method's own post-processing, in
+        order; None: the SPHERE projection with the paper's defaults; [] for none.
+    model_id: how the model is named in patches and checkpoints (default: its name_or_path).
+    module_templates: module-name overrides for families sphere_pl does not know.
+    history_size: how many of the latest batch patches are kept for `rollback` and checkpoints.
+    scoring_batch_size: prompts per scoring forward pass in `evaluate`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        method: EditMethod | str = "alphaedit",
+        filters: Sequence[DeltaFilter] | None = None,
+        model_id: str | None = None,
+        module_templates: dict[str, str] | None = None,
+        history_size: int = 2,
+        scoring_batch_size: int = 32,
+    ):
+        from ..sphere.projection import SphereProjection
+
+        model.requires_grad_(False)
+        model_id = model_id or getattr(model.config, "name_or_path", None) or type(model).__name__
+        self.lm = LoadedModel(model, prepare_tokenizer(tokenizer), resolve_templates(model, module_templates), model_id)
+        self.method = create_method(method)
+        self.filters = [SphereProjection()] if filters is None else list(filters)
+        self.writer = WeightWriter(self.lm, [*self.method.delta_filters(), *self.filters])
+        self.edited_modules = self.method.edited_modules(self.lm.templates)
+        self.base_fingerprint = base_fingerprint(model, self.edited_modules)
+        self.base_digest = edited_digest(model, self.edited_modules)
+        self.history_size = history_size
+        self.scoring_batch_size = scoring_batch_size
+        self.batches_done = 0
+        self.edits_applied = 0
+        self.case_ids: list[list] = []  # per applied batch
+        self.recent_patches: deque[Patch] = deque(maxlen=history_size)
+        self.last_info: dict[str, float] = {}
+        self._prepared = False
+        self._pending_method_state = None
+
+    # ------------------------------------------------------------ read-only view
+    @property
+    def model(self) -> nn.Module:
+        return self.lm.model
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+    @property
+    def timer(self):
+        return self.lm.timer
+
+    @property
+    def edited_layers(self) -> list[int]:
+        return list(self.method.layers)
+
+    def edited_weights(self) -> dict[int, torch.Tensor]:
+        """{layer: current weight of its edited module (nn.Linear layout, a view)}."""
+        return {layer: linear_weight(self.model.get_submodule(name)) for layer, name in zip(self.edited_layers, self.edited_modules)}
+
+    def settings(self) -> dict:
+        """Method and filter settings, as recorded in patches and checkpoints."""
+        return {
+            "method": self.method.settings(),
+            "filters": [f.settings() for f in self.filters],
+        }
+
+    # ------------------------------------------------------------------ set-up
+    def prepare(self) -> None:
+        """Statistics, projectors and filter bases from the unedited model; once, before the first edit."""
+        if self._prepared:
+            return
+        if self.batches_done and self._pending_method_state is None:
+            raise RuntimeError("prepare() must run on the unedited model, before any batch is applied")
+        with self.timer("setup"):
+            # the method and the filters read the *pretrained* weights, even when resuming
+            restored = None
+            if self._pending_method_state is not None:
+                restored = {name: linear_weight(self.model.get_submodule(name)).detach().clone() for name in self.edited_modules}
+                self._set_weights(self._pending_method_state["base_weights"])
+            self.method.setup(self.lm)
+            for f in self.filters:
+                f.prepare(self.model, self.edited_modules)
+            if restored is not None:
+                self._set_weights(restored)
+                self.method.load_state_dict(self._pending_method_state["method"])
+                self._pending_method_state = None
+        self._prepared = True
+
+    # ----------------------------------------------------------------- editing
+    def check_requests(self, requests: Sequence[EditRequest]) -> None:
+        """Refuse requests the model cannot take: a prompt and target longer than its context."""
+        max_length = self.lm.max_length
+        if not max_length:
+            return
+        tok = self.tokenizer
+        contexts = [c for g in getattr(self.method, "context_groups", None) or [["{}"]] for c in g]
+        overhead = max(len(tok(c.replace("{}", ""), add_special_tokens=False)["input_ids"]) for c in contexts)
+        for r in requests:
+            target = max(len(tok(" " + t, add_special_tokens=False)["input_ids"]) for t in (r.target_new, r.target_true))
+            fields = [("prompt", r.rewrite_prompt, overhead)]
+            fields += [(f"paraphrase_prompts[{i}]", p, 0) for i, p in enumerate(r.paraphrase_prompts)]
+            fields += [(f"neighborhood_prompts[{i}]", p, 0) for i, p in enumerate(r.neighborhood_prompts)]
+            for name, text, extra in fields:
+                n = len(tok(text)["input_ids"]) + target + extra
+                if n > max_length:
+                    raise EditDataError(
+                        r.case_id, name, f"needs {n} tokens with its target{' and context template' if extra else ''}, "
+                        f"but the model takes at most {max_length}"
+                    )
+
+    def apply(self, requests: Sequence[EditRequest]) -> Patch:
+        """Edit one batch; returns the Patch of what was written. All or nothing."""
+        requests = list(requests)
+        if not requests:
+            raise ValueError("apply() needs at least one edit request")
+        self.check_requests(requests)
+        self.prepare()
+        before = {name: linear_weight(self.model.get_submodule(name)).detach().clone() for name in self.edited_modules}
+        self.writer.reset()
+        case_ids = [r.case_id for r in requests]
+        try:
+            result = self.method.edit(self.lm, requests, self.writer)
+            unchanged = all(torch.equal(before[n], linear_weight(self.model.get_submodule(n))) for n in self.edited_modules)
+            if unchanged:
+                raise ValueError(
+                    "every delta written for this batch is zero (or vanished when cast to the weights' dtype): "
+                    f"nothing was edited. Method settings: {self.method.settings()}"
+                )
+        except Exception as e:
+            self._set_weights(before)
+            raise EditFailedError(
+                f"edit batch {self.batches_done} (case_ids {case_ids}) failed: {e}. The edited weights and the method "
+                f"state are as before this batch ({self.edits_applied} edits applied)."
+            ) from e
+        self.method.commit(result.state)
+        patch = Patch.between(
+            before,
+            self.model,
+            **self._metadata(first_batch=self.batches_done, last_batch=self.batches_done, case_ids=case_ids),
+            info=result.info,
+        )
+        self.batches_done += 1
+        self.edits_applied += len(requests)
+        self.case_ids.append(case_ids)
+        self.last_info = dict(result.info)
+        if self.history_size:
+            self.recent_patches.append(patch.to("cpu"))
+        return patch
+
+    def revert(self, patch: Patch) -> None:
+        """Undo `patch`, which must hold the latest applied batches: weights and method state, exactly."""
+        first, last = int(patch.metadata["first_batch"]), int(patch.metadata["last_batch"])
+        if last != self.batches_done - 1 or first < 0:
+            raise PatchError(
+                f"this patch holds batches {first}..{last}, but the latest applied batch is {self.batches_done - 1}: "
+                "revert patches in reverse order of application"
+            )
+        patch.revert_from(self.model)  # checks model fingerprint and the current weights' digest
+        self.method.revert(last - first + 1)
+        del self.case_ids[first:]
+        self.edits_applied = sum(len(c) for c in self.case_ids)
+        self.batches_done = first
+        while self.recent_patches and int(self.recent_patches[-1].metadata["last_batch"]) >= first:
+            self.recent_patches.pop()
+
+    def rollback(self, num_batches: int) -> None:
+        """Undo the last `num_batches` batches with the patches kept in `recent_patches`."""
+        if num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        if num_batches > self.batches_done:
+            raise ValueError(f"cannot roll back {num_batches} batches: only {self.batches_done} were applied")
+        if num_batches > len(self.recent_patches):
+            raise ValueError(
+                f"cannot roll back {num_batches} batches: only the last {len(self.recent_patches)} batch patch(es) are kept "
+                f"(history_size = {self.history_size}); raise history_size to roll back further"
+            )
+        for _ in range(num_batches):
+            self.revert(self.recent_patches[-1])
+
+    def cumulative_patch(self, base_weights: dict[str, torch.Tensor]) -> Patch:
+        """One patch from `base_weights` (the pretrained edited modules) to the current weights."""
+        if self.batches_done == 0:
+            raise ValueError("no batch has been applied: there is nothing to export")
+        ids = [c for batch in self.case_ids for c in batch]
+        return Patch.between(base_weights, self.model, **self._metadata(first_batch=0, last_batch=self.batches_done - 1, case_ids=ids))
+
+    def _metadata(self, **fields) -> dict:
+        return {
+            "model_id": self.lm.model_id,
+            "base_fingerprint": self.base_fingerprint,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            **self.settings(),
+            **fields,
+            "num_edits": len(fields.get("case_ids", [])),
+        }
+
+    def _set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        for name, weight in weights.items():
+            set_linear_weight(self.model.get_submodule(name), weight)
+
+    # -------------------------------------------------------------- evaluation
+    def evaluate(self, requests: Sequence[EditRequest], prefix: str = "") -> dict[str, float]:
+        """CounterFact efficacy / generalization / specificity scores and magnitudes of `requests`."""
+        evaluator = CounterFactEvaluator(prefix, self.scoring_batch_size)
+        values = evaluator.evaluate(self.model, self.tokenizer, list(requests))
+        return {k: float(v) for k, v in values.items() if not torch.isnan(v)}
+
+    # ---------------------------------------------------------------- resuming
+    def state_dict(self) -> dict:
+        """Everything a resume needs (plain tensors and containers: loadable with weights_only=True)."""
+        return {
+            "model_id": self.lm.model_id,
+            "base_fingerprint": self.base_fingerprint,
+            "base_digest": self.base_digest,
+            "edited_modules": list(self.edited_modules),
+            "settings": self.settings(),
+            "batches_done": self.batches_done,
+            "edits_applied": self.edits_applied,
+            "case_ids": [list(c) for c in self.case_ids],
+            "weights": {n: linear_weight(self.model.get_submodule(n)).detach().cpu().clone() for n in self.edited_modules},
+            "method": self.method.state_dict(),
+            "recent_patches": [_patch_to_state(p) for p in self.recent_patches],
+        }
+
+    def check_state(self, state: dict) -> None:
+        """Refuse the state of another model, other base weights or other edited modules, saying what differs."""
+        identity = {
+            "model_id": ("model", self.lm.model_id),
+            "base_fingerprint": ("base-weight fingerprint", self.base_fingerprint),
+            "base_digest": ("digest of the pretrained edited weights", self.base_digest),
+            "edited_modules": ("edited modules", list(self.edited_modules)),
+        }
+        for key, (what, mine) in identity.items():
+            if state.get(key) != mine:
+                raise ValueError(f"the saved state was made for {what} {state.get(key)!r}, but this editor has {mine!r}")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()`, checked against this model first.
+
+        The method's state is loaded once the method is set up (`prepare` sets it up on the
+        pretrained weights first). Filters keep no state of their own that could not be
+        recomputed from the pretrained weights, so none is saved.
+        """
+        self.check_state(state)
+        if self.batches_done:
+            raise RuntimeError("load_state_dict() needs a fresh editor (no batch applied)")
+        base = {n: linear_weight(self.model.get_submodule(n)).detach().clone() for n in self.edited_modules}
+        self._set_weights(state["weights"])
+        self.batches_done = int(state["batches_done"])
+        self.edits_applied = int(state["edits_applied"])
+        self.case_ids = [list(c) for c in state["case_ids"]]
+        self.recent_patches = deque((_patch_from_state(p) for p in state["recent_patches"]), maxlen=self.history_size)
+        if self._prepared:
+            self.method.load_state_dict(state["method"])
+        else:
+            self._pending_method_state = {"method": state["method"], "base_weights": base}
+def _patch_to_state(patch: Patch) -> dict:
+    return {"changes": {n: dict(vars(c)) for n, c in patch.changes.items()}, "metadata": dict(patch.metadata)}
+
+
+def _patch_from_state(state: dict) -> Patch:
+    return Patch({n: ModuleChange(**c) for n, c in state["changes"].items()}, dict(state["metadata"]))
+
+
+def rollback_state(state: dict, num_batches: int, method_cls: type[EditMethod]) -> dict:
+    """An editor `state_dict()` as it was `num_batches` batches earlier, exactly, without a model.
+
+    Uses the batch patches the state keeps (`history_size`) for the weights and the
+    method's `revert_state` for its state.
+    """
+    done = int(state["batches_done"])
+    kept = list(state["recent_patches"])
+    if num_batches < 1:
+        raise ValueError(f"--batches must be >= 1, got {num_batches}")
+    if num_batches > done:
+        raise ValueError(f"cannot roll back {num_batches} batches: only {done} were applied")
+    if num_batches > len(kept):
+        raise ValueError(
+            f"cannot roll back {num_batches} batches: only the last {len(kept)} batch patch(es) are kept "
+            "(model.history_size); raise it before the run to roll back further"
+        )
+    weights = {n: w.clone() for n, w in state["weights"].items()}
+    for _ in range(num_batches):
+        patch = _patch_from_state(kept.pop())
+        actual = tensors_digest(weights[n] for n in patch.modules)
+        if actual != patch.metadata["after_digest"]:
+            raise PatchError(
+                f"the saved weights have digest {actual}, but the patch of batch {patch.metadata['first_batch']} "
+                f"reverts weights with digest {patch.metadata['after_digest']}: the checkpoint is inconsistent"
+            )
+        for name, change in patch.changes.items():
+            weights[name] = change.backward(weights[name])
+    case_ids = [list(c) for c in state["case_ids"][: done - num_batches]]
+    return {
+        **state,
+        "weights": weights,
+        "batches_done": done - num_batches,
+        "edits_applied": sum(len(c) for c in case_ids),
+        "case_ids": case_ids,
+        "method": method_cls.revert_state(state["method"], num_batches),
+        "recent_patches": kept,
+    }

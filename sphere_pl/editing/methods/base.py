@@ -1,0 +1,254 @@
+"""What every editing method is given and must provide, and the locate-then-edit family's shared part.
+
+A method turns a batch of requests into weight deltas and hands each to a `WeightWriter`,
+which runs the delta filters (the SPHERE projection among them) and writes. That is what
+makes the projection method-agnostic: no method can write around it.
+
+Cross-batch state follows a transaction rule: `edit` computes, `commit` changes state.
+The editor calls `commit` only once every write of the batch has succeeded, so a failed
+batch leaves the method exactly as it was, and `revert` undoes committed batches exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ...data.records import EditRequest
+from ..keys import GENERATION_PREFIXES, KeyReader, generate_context_templates
+from ..lm import LoadedModel
+from ..stats import KeyStatistics, second_moments
+from ..values import ValueOptimization, optimize_values
+from ..writer import DeltaFilter, WeightWriter
+
+
+@dataclasses.dataclass
+class BatchEdit:
+    """What `edit` returns: scalars worth logging and the state change to `commit`."""
+
+    info: dict[str, float] = dataclasses.field(default_factory=dict)
+    state: object = None
+
+
+class EditMethod(nn.Module):
+    """Base class of every editing method.
+
+    A new method must implement:
+
+    * ``edit(lm, requests, writer) -> BatchEdit``: compute the batch's deltas and pass each
+      to ``writer.write(module_name, delta)`` (nn.Linear layout). Never write a weight any
+      other way and never change the method's own state here: return the state change in
+      ``BatchEdit.state``.
+    * a registered name: decorate the class with ``@register_method("name")``.
+
+    It may implement:
+
+    * ``setup(lm)``: state computed once from the unedited model (statistics, projectors),
+      before any edit or restore. Call ``super().setup(lm)``.
+    * ``commit(state)`` / ``revert_state(state_dict, num_batches)``: fold a successful batch's
+      state change in, and give the ``state_dict()`` of ``num_batches`` commits ago *exactly*
+      (bit for bit). Stateless methods need neither.
+    * ``delta_filters()``: the method's own post-processing of each delta; the writer runs
+      these before the configured filters (e.g. SPHERE's projection).
+    * ``settings()``: its hyper-parameters as a JSON-friendly dict, extending the base's.
+
+    State that a resume needs lives in buffers or ``get_extra_state``: it is checkpointed
+    with ``state_dict()``.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, layers: list[int]):
+        super().__init__()
+        layers = list(layers)
+        if not layers:
+            raise ValueError("an editing method needs at least one layer to edit (layers is empty)")
+        duplicates = sorted({layer for layer in layers if layers.count(layer) > 1})
+        if duplicates:
+            raise ValueError(f"layers lists layer(s) {duplicates} more than once: {layers}")
+        if any(not isinstance(layer, int) or layer < 0 for layer in layers):
+            raise ValueError(f"layers must be non-negative layer indices, got {layers}")
+        self.layers = layers
+
+    def edited_modules(self, templates) -> list[str]:
+        return [templates.down_proj_at(layer) for layer in self.layers]
+
+    def setup(self, lm: LoadedModel) -> None:
+        num_layers = len(lm.model.get_submodule(lm.templates.layers))
+        too_high = [layer for layer in self.layers if layer >= num_layers]
+        if too_high:
+            raise ValueError(f"layers {too_high} do not exist: the model has {num_layers} layers (0..{num_layers - 1})")
+
+    def edit(self, lm: LoadedModel, requests: list[EditRequest], writer: WeightWriter) -> BatchEdit:
+        raise NotImplementedError
+
+    def commit(self, state) -> None:
+        """Fold in the state change of a batch whose writes all succeeded."""
+
+    @classmethod
+    def revert_state(cls, state: dict, num_batches: int) -> dict:
+        """The `state_dict()` as it was `num_batches` commits ago (exactly). Stateless: unchanged.
+
+        A pure function of the saved state, so a checkpoint can be rolled back without
+        loading the model (`sphere-pl rollback`).
+        """
+        return state
+
+    def revert(self, num_batches: int) -> None:
+        """Undo the last `num_batches` commits exactly."""
+        self.load_state_dict(type(self).revert_state(self.state_dict(), num_batches))
+
+    def delta_filters(self) -> list[DeltaFilter]:
+        return []
+
+    def settings(self) -> dict:
+        """The method's name and hyper-parameters, JSON-friendly (recorded in patches and checkpoints)."""
+        return {"name": self.name, "layers": list(self.layers)}
+
+
+# ----------------------------------------------------------------------------- registry
+
+METHODS: dict[str, type[EditMethod]] = {}
+
+
+def register_method(name: str):
+    """Class decorator: make a method available by `name` (in YAML: `method: name`)."""
+
+    def decorate(cls: type[EditMethod]) -> type[EditMethod]:
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"method name {name!r} is already taken by {METHODS[name].__qualname__}")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def create_method(method: str | EditMethod, **kwargs) -> EditMethod:
+    """A method instance from a registered name (with `kwargs`) or an instance as it is."""
+    if isinstance(method, EditMethod):
+        if kwargs:
+            raise ValueError("keyword arguments apply only when the method is given by name")
+        return method
+    key = str(method).strip().lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown editing method {method!r}; known methods: {sorted(METHODS)}")
+    return METHODS[key](**kwargs)
+
+
+# --------------------------------------------------------------- locate-then-edit family
+
+
+class LocateThenEdit(EditMethod):
+    """ROME/MEMIT-family base: keys, target values and residual spreading; subclasses solve.
+
+    For a batch: target values z are optimised at the last edited layer; then, layer by
+    layer from the lowest, the keys K (d_in x n) are read with the layers below already
+    updated, the residual R = (z − h) / (layers left) is spread over the layers still to
+    come, and ``solve(i, K, R)`` gives that layer's delta, written through the writer.
+
+    A subclass must implement ``solve(index, keys, residuals) -> delta`` and may override
+    ``batch_state(final_keys)`` (the state change to commit; the keys are read again after
+    all layers were written), ``commit``/``revert`` and ``setup`` (calling super).
+    """
+
+    def __init__(
+        self,
+        layers: list[int],
+        values: ValueOptimization,
+        stats: KeyStatistics,
+        context_templates: list[str] | None = None,
+        context_prefixes: list[str] = list(GENERATION_PREFIXES),
+        context_length: int = 10,
+        context_seed: int = 0,
+    ):
+        super().__init__(layers)
+        self.values = values
+        self.stats = stats
+        self.context_prefixes = list(context_prefixes)
+        self.context_length = context_length
+        self.context_seed = context_seed
+        if context_templates is not None:
+            bad = [t for t in context_templates if t.count("{}") != 1]
+            if bad:
+                raise ValueError(f"context_templates must each contain '{{}}' exactly once: {bad}")
+        self.context_groups = [["{}"], list(context_templates)] if context_templates else None
+
+    # Context templates are plain strings: they travel in the checkpoint as extra state.
+    def get_extra_state(self):
+        return {"context_groups": self.context_groups}
+
+    def set_extra_state(self, state):
+        self.context_groups = state["context_groups"]
+
+    def setup(self, lm: LoadedModel) -> None:
+        super().setup(lm)
+        if self.context_groups is None:
+            self.context_groups = generate_context_templates(
+                lm.model, lm.tokenizer, self.context_length, self.context_prefixes, self.context_seed
+            )
+
+    def settings(self) -> dict:
+        return {
+            **super().settings(),
+            "values": dataclasses.asdict(self.values),
+            "stats": dataclasses.asdict(self.stats),
+            "context_groups": self.context_groups,
+            "context_prefixes": self.context_prefixes,
+            "context_length": self.context_length,
+            "context_seed": self.context_seed,
+        }
+
+    def key_second_moments(self, lm: LoadedModel) -> dict[int, torch.Tensor]:
+        """C0 per edited layer, shared through the on-disk cache by every method."""
+        with lm.timer("statistics"):
+            return second_moments(lm.model, lm.tokenizer, lm.templates, self.layers, self.stats, lm.model_id)
+
+    def edit(self, lm: LoadedModel, requests: list[EditRequest], writer: WeightWriter) -> BatchEdit:
+        model, tok, templates = lm.model, lm.tokenizer, lm.templates
+        z_layer = self.layers[-1]
+        with lm.timer("value_optimisation"):
+            targets, info = optimize_values(model, tok, templates, requests, self.context_groups, z_layer, self.values)
+        self._check_values_moved(requests, info)
+
+        with lm.timer("keys"):
+            reader = KeyReader(model, tok, templates, requests, self.context_groups, from_layer=min(self.layers))
+        for i, layer in enumerate(self.layers):
+            with lm.timer("keys"):
+                keys, current = reader.read([layer], output_layer=z_layer)
+            with lm.timer("solve"):
+                delta = self.solve(i, keys[layer].T, (targets - current).T / (len(self.layers) - i))
+            writer.write(templates.down_proj_at(layer), delta)
+
+        with lm.timer("keys"):
+            final_keys, _ = reader.read(self.layers)
+        return BatchEdit(
+            info={"value_loss": float(info["loss"].mean()), "value_steps": float(info["steps"].float().mean())},
+            state=self.batch_state(final_keys),
+        )
+
+    def _check_values_moved(self, requests: list[EditRequest], info: dict) -> None:
+        """Target values equal to the current ones make a no-op edit: name the settings to blame."""
+        if bool((info["delta_norm"] > 0).any()):
+            return
+        already = info["initial_loss"] < self.values.early_stop_loss
+        if bool(already.all()):
+            return  # the model already says every new target: nothing to change
+        case_ids = [r.case_id for r in requests]
+        raise ValueError(
+            f"target values did not move for any request of the batch (case_ids {case_ids}): after "
+            f"{self.values.num_grad_steps} steps the optimised vector is zero. Check values.lr "
+            f"({self.values.lr}; a huge rate overflows and the clamp then zeroes the step) and "
+            f"values.clamp_norm_factor ({self.values.clamp_norm_factor})"
+        )
+
+    def solve(self, index: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+        """ΔW (d_out x d_in) for `self.layers[index]` from keys (d_in x n) and residuals (d_out x n)."""
+        raise NotImplementedError
+
+    def batch_state(self, final_keys: dict[int, torch.Tensor]):
+        """State change to commit, from the keys (n x d_in per layer) read after all writes."""
+        return None

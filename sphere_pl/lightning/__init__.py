@@ -1,0 +1,7 @@
+"""Lightning wrapping of the editing core: the module, the edit DataModule, callbacks, CLI and loggers."""
+
+from .callbacks import EditCheckpoint, HypersphericalEnergyMonitor, RunSummary
+from .datamodule import EditDataModule
+from .module import SequentialEditor
+
+__all__ = ["EditCheckpoint", "EditDataModule", "HypersphericalEnergyMonitor", "RunSummary", "SequentialEditor"]

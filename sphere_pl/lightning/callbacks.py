@@ -1,0 +1,166 @@
+"""Callbacks: hyperspherical energy of the edited layers, checkpoints after edit batches,
+and the end-of-run summary. They read the editor through its public interface
+(`pl_module.editor`: `edited_weights()`, `batches_done`, `edits_applied`, `timer`) and
+report through `pl_module.log_progress`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from ..sphere.hyperspherical import hyperspherical_energy
+
+
+class HypersphericalEnergyMonitor(L.Callback):
+    """Logs, per edited layer and after every `every_n_batches` edit batches, the HE of its
+    weight, ΔHE against the pre-edit weight and the relative change (SPEC section 2).
+
+    Collapse under sequential editing coincides with large ΔHE, which is why it is watched live.
+    The pre-edit HE is part of the callback's checkpoint state, so a resumed run keeps its baseline.
+    """
+
+    def __init__(self, s: float = 1.0, reduction: str = "mean", every_n_batches: int = 1, chunk_size: int = 1024):
+        self.s = s
+        self.reduction = reduction
+        self.every_n_batches = every_n_batches
+        self.chunk_size = chunk_size
+        self.initial: dict[str, float] = {}
+
+    def _energies(self, pl_module) -> dict[str, float]:
+        return {
+            f"layer{layer}": float(hyperspherical_energy(weight, self.s, self.reduction, self.chunk_size))
+            for layer, weight in pl_module.editor.edited_weights().items()
+        }
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not self.initial:  # restored from a checkpoint when resuming
+            with pl_module.editor.timer("he"):
+                self.initial = self._energies(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.editor.batches_done % self.every_n_batches:
+            return
+        with pl_module.editor.timer("he"):
+            energies = self._energies(pl_module)
+        values = {}
+        for layer, he in energies.items():
+            he0 = self.initial[layer]
+            values[f"he/{layer}"] = he
+            values[f"he_delta/{layer}"] = he - he0
+            values[f"he_relative/{layer}"] = (he - he0) / abs(he0)
+        pl_module.log_progress(values)
+
+    def state_dict(self) -> dict:
+        return {"initial": self.initial}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.initial = dict(state_dict["initial"])
+
+
+class EditCheckpoint(L.Callback):
+    """Writes `edits-<n>.ckpt` every `every_n_batches` edit batches (and after the last) plus
+    `last.ckpt`, keeping the newest `keep_last` numbered ones.
+
+    Files are written under a temporary name and renamed, so an interrupted write never
+    replaces a good checkpoint. (Lightning's ModelCheckpoint counts optimizer steps; an
+    editing run has none.)
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_batches: int = 1, keep_last: int | None = 2):
+        self.dirpath = dirpath
+        self.every_n_batches = every_n_batches
+        self.keep_last = keep_last
+        self.saved: list[str] = []
+
+    def _dir(self, trainer) -> Path:
+        return Path(self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        done = pl_module.editor.batches_done
+        if done % self.every_n_batches and done != trainer.num_training_batches:
+            return
+        directory = self._dir(trainer)
+        path = directory / f"edits-{pl_module.editor.edits_applied:06d}.ckpt"
+        self.saved.append(str(path))  # before saving, so the checkpoint's own list includes itself
+        self._atomic_save(trainer, path)
+        self._atomic_save(trainer, directory / "last.ckpt")
+        while self.keep_last is not None and len(self.saved) > self.keep_last:
+            old = self.saved.pop(0)
+            if trainer.is_global_zero and os.path.exists(old):
+                os.remove(old)
+
+    @staticmethod
+    def _atomic_save(trainer, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)  # loops, callbacks and data position too
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+
+    def state_dict(self) -> dict:
+        return {"saved": list(self.saved)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.saved = list(state_dict["saved"])
+
+
+class RunSummary(L.Callback):
+    """At the end of `fit`: a console table of the final metrics and the HE change per layer,
+    and `summary.json` plus `metrics.csv` (every evaluation row) in the run directory, so
+    results can be read without W&B. `dirpath` defaults to the trainer's `default_root_dir`.
+    """
+
+    def __init__(self, dirpath: str | None = None):
+        self.dirpath = dirpath
+
+    @rank_zero_only
+    def on_fit_end(self, trainer, pl_module) -> None:
+        directory = Path(self.dirpath or trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        rows = [dict(row) for row in pl_module.progress_history]
+        final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("final/")}
+        last = rows[-1] if rows else {}
+        he = {
+            key.split("/", 1)[1]: {"he": last.get(f"he/{key.split('/', 1)[1]}"), "he_delta": last[key], "he_relative": last.get(f"he_relative/{key.split('/', 1)[1]}")}
+            for key in sorted(last)
+            if key.startswith("he_delta/")
+        }
+        editor = pl_module.editor
+        summary = {
+            "model_id": editor.lm.model_id,
+            "edits": editor.edits_applied,
+            "batches": editor.batches_done,
+            "settings": editor.settings(),
+            "final": final,
+            "last_evaluation": {k: v for k, v in last.items() if k.startswith(("edited/", "holdout/"))},
+            "hyperspherical_energy": he,
+            "seconds": {k: round(v, 3) for k, v in editor.timer.seconds.items()},
+        }
+        (directory / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        columns = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("step", "edits"), k))
+        with open(directory / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        print(format_summary(summary, directory))
+
+
+def format_summary(summary: dict, directory: Path) -> str:
+    """The console table: final metrics, then HE per edited layer."""
+    lines = [f"sphere_pl run summary: {summary['edits']} edits in {summary['batches']} batches on {summary['model_id']}"]
+    metrics = summary["final"] or summary["last_evaluation"]
+    if metrics:
+        width = max(len(k) for k in metrics)
+        lines += ["", f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+        lines += [f"{k:<{width}}  {v:6.3f}" for k, v in sorted(metrics.items())]
+    if summary["hyperspherical_energy"]:
+        lines += ["", f"{'layer':<8}  {'HE':>12}  {'ΔHE':>12}  {'ΔHE/HE':>10}", f"{'-' * 8}  {'-' * 12}  {'-' * 12}  {'-' * 10}"]
+        for layer, v in summary["hyperspherical_energy"].items():
+            lines.append(f"{layer:<8}  {v['he']:12.6f}  {v['he_delta']:12.4e}  {v['he_relative']:10.3e}")
+    lines += ["", f"written: {directory / 'summary.json'}, {directory / 'metrics.csv'}"]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""`python -m sphere_pl` / `sphere-pl`: a LightningCLI over the sequential editor and edit data,
+plus three commands on edit patches and checkpoints.
+
+    sphere-pl fit --config configs/quickstart.yaml
+    sphere-pl fit --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
+    sphere-pl validate --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
+    sphere-pl export --ckpt_path last.ckpt --out edits.safetensors
+    sphere-pl apply --patch edits.safetensors --model MODEL --out edited-model/
+    sphere-pl rollback --ckpt_path last.ckpt --batches 1
+"""
+
+from __future__ import annotations
+
+import sys
+from urllib.parse import urlsplit
+
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import EditCheckpoint, HypersphericalEnergyMonitor, RunSummary
+from .datamodule import EditDataModule
+from .loggers import AutoWandbLogger
+from .module import SequentialEditor
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 1,  # one pass over the edit batches
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 1,  # every edit batch is a point on the curves
+    "enable_checkpointing": False,  # EditCheckpoint replaces ModelCheckpoint (no optimizer steps here)
+    "devices": 1,
+    "default_root_dir": "runs",
+    "logger": lazy_instance(AutoWandbLogger, save_dir="runs"),
+}
+PATCH_COMMANDS = ("export", "apply", "rollback")
+
+
+class SphereCLI(LightningCLI):
+    """The HE monitor, the edit checkpoints and the run summary are always on (`he:`,
+    `checkpoint:`, `summary:`). Checkpoints are read with `weights_only=True` (no pickle code
+    runs) and must be local files; the config, not the checkpoint, decides the model."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(HypersphericalEnergyMonitor, "he")
+        parser.add_lightning_class_args(EditCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunSummary, "summary")
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI would overwrite the config with hyper-parameters saved in the checkpoint;
+        here the config wins (sphere_pl checkpoints do not store them)."""
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        ckpt_path = kwargs.get("ckpt_path")
+        if ckpt_path and urlsplit(str(ckpt_path)).scheme not in ("", "file"):
+            raise SystemExit(f"error: --ckpt_path {ckpt_path!r} is a URL; download it and pass a local file (checkpoints are never fetched)")
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
+            kwargs["weights_only"] = True
+        return kwargs
+
+
+def main(args: list[str] | None = None):
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in PATCH_COMMANDS:
+        from .commands import run_command
+
+        return run_command(argv)
+    argv = None if args is None else argv  # LightningCLI reads sys.argv itself
+    return SphereCLI(
+        SequentialEditor,
+        EditDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()
