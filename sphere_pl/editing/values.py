@@ -4,7 +4,7 @@ last edited layer that makes the model say the new target.
 For each request a vector delta is added to that block's output at the subject's last
 token of every rewriting prompt; Adam minimises
 
-    NLL(target_new | prompt) + kl_factor * KL(original || edited) on "{subject} is a"
+    NLL(target_new | prompt) + kl_factor * KL(edited || original) on "{subject} is a"
     + weight_decay * ||delta|| / ||h||^2,
 
 delta is clamped to clamp_norm_factor * ||h||, and a request stops early once its loss is
@@ -151,8 +151,9 @@ def _request_losses(p: _Problem, seqs: torch.Tensor, final_at, lm_head, kl_init,
     kl = per_seq.new_zeros(n)
     if kl_init is not None:
         init = kl_init[p.seq_request[kl_seqs]]
-        # KL(original || edited), one KL prompt per request
-        kl = kl.index_add(0, p.seq_request[kl_seqs], (init.exp() * (init - kl_log_probs)).sum(-1))
+        # KL(edited || original) = Σ p_edited (log p_edited − log p_original), one KL prompt per request;
+        # the direction of the ROME/MEMIT/AlphaEdit code: kl_div(log p_original, log p_edited, log_target=True)
+        kl = kl.index_add(0, p.seq_request[kl_seqs], (kl_log_probs.exp() * (kl_log_probs - init)).sum(-1))
     decay = hp.weight_decay * delta.norm(dim=-1) / h_norm**2
     return nll + hp.kl_factor * kl + decay, kl_log_probs
 
@@ -267,7 +268,7 @@ def optimize_values_reference(model, tokenizer, templates: ModuleTemplates, requ
                 kl_lp = torch.log_softmax(_wide(logits[kl_seq, p.lookup[kl_seq]]), dim=-1)
                 if kl_init is None:
                     kl_init = kl_lp.detach().clone()
-                kl = (kl_init.exp() * (kl_init - kl_lp)).sum()
+                kl = (kl_lp.exp() * (kl_lp - kl_init)).sum()  # KL(edited || original)
                 h_norm = state["h"].norm()
                 loss = nll + hp.kl_factor * kl + hp.weight_decay * delta.norm() / h_norm**2
                 if loss.item() < hp.early_stop_loss or it == hp.num_grad_steps - 1:

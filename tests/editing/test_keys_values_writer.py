@@ -162,6 +162,31 @@ def test_requests_cover_multi_token_targets_and_prompt_lengths(tok):
     assert len(prompt_lengths) == len(REQUESTS)
 
 
+def test_value_loss_kl_is_edited_given_original_like_the_official_code(tok, float64_default):
+    """The KL term is KL(edited || original) = Σ p_edited (log p_edited − log p_original), what the
+    ROME/MEMIT/AlphaEdit code computes with kl_div(log p_original, log p_edited, log_target=True)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    p = values_module._build_problem(tok, REQUESTS, GROUPS, "cpu")
+    n_seq, width, d = p.seq_request.shape[0], p.batch["input_ids"].shape[1], 8
+    hidden = torch.randn(n_seq, width, d, generator=g, dtype=torch.float64)
+    lm_head = torch.nn.Linear(d, VOCAB, bias=False).double()
+    kl_init = torch.log_softmax(torch.randn(len(REQUESTS), VOCAB, generator=g, dtype=torch.float64), dim=-1)
+    seqs = torch.arange(n_seq)
+    delta, h_norm = torch.zeros(len(REQUESTS), d, dtype=torch.float64), torch.ones(len(REQUESTS), dtype=torch.float64)
+
+    def loss(kl_factor):
+        hp = ValueOptimization(kl_factor=kl_factor, weight_decay=0.0)
+        return values_module._request_losses(p, seqs, lambda s, pos: hidden[s, pos], lm_head, kl_init, delta, h_norm, hp)
+
+    (with_kl, kl_log_probs), (without_kl, _) = loss(1.0), loss(0.0)
+    expected = F.kl_div(kl_init, kl_log_probs, log_target=True, reduction="none").sum(-1)  # per request
+    assert torch.allclose(with_kl - without_kl, expected, rtol=1e-12, atol=1e-12)
+    reverse = F.kl_div(kl_log_probs, kl_init, log_target=True, reduction="none").sum(-1)
+    assert not torch.allclose(with_kl - without_kl, reverse, rtol=1e-3)  # the other direction differs here
+
+
 @pytest.mark.parametrize("layer, loss_layer", [(2, -1), (1, 2)])
 def test_optimize_values_matches_reference_float64(tok, float64_default, layer, loss_layer):
     model = tiny_llama().double()
