@@ -54,3 +54,34 @@ def tiny_method(stats_cache):
         return AlphaEdit(**kwargs)
 
     return make
+
+
+def tiny_method_kwargs(stats_cache: str) -> dict[str, dict]:
+    """Per registered method: settings that make it small and fast on the tiny model.
+
+    Every registered method must have an entry: the shared method suite runs over all of them
+    and fails for a method that has none.
+    """
+    from sphere_pl.editing.stats import KeyStatistics
+    from sphere_pl.editing.values import ValueOptimization
+
+    common = dict(
+        values=ValueOptimization(num_grad_steps=5, lr=0.5),
+        stats=KeyStatistics(corpus=str(CORPUS), num_samples=20, seq_len=64, cache_dir=stats_cache),
+        context_templates=CONTEXT_TEMPLATES,
+    )
+    return {
+        "alphaedit": dict(layers=[1, 2], **common),
+    }
+
+
+@pytest.fixture
+def method_factory(stats_cache):
+    """`make(name, **overrides)`: a small instance of the registered method `name`."""
+    from sphere_pl.editing.methods import create_method
+
+    def make(name: str, **overrides):
+        kwargs = tiny_method_kwargs(stats_cache)[name]
+        return create_method(name, **{**kwargs, **overrides})
+
+    return make
