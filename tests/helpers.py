@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from sphere_pl.models import prepare_tokenizer
@@ -38,3 +43,41 @@ def tiny_tokenizer():
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
     return prepare_tokenizer(tokenizer)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """No W&B credentials, every W&B/home directory in tmp_path, offline hub, this checkout importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env.update(
+        HOME=str(home),
+        NETRC=str(home / ".netrc"),
+        WANDB_SILENT="true",
+        WANDB_CONSOLE="off",
+        WANDB_DISABLE_GIT="true",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        directory = tmp_path / var.lower()
+        directory.mkdir(exist_ok=True)
+        env[var] = str(directory)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str], ok: bool = True) -> subprocess.CompletedProcess:
+    """`python -m sphere_pl ARGS` as a user runs it; asserts the exit status is 0 (ok) or not."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sphere_pl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    if ok:
+        assert result.returncode == 0, f"sphere_pl {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    else:
+        assert result.returncode != 0, f"sphere_pl {args} should have failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result

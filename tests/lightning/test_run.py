@@ -27,6 +27,7 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 
 from conftest import CONTEXT_TEMPLATES, CORPUS
+from helpers import cli_env, run_cli
 from sphere_pl import EditCheckpoint, EditDataModule, HypersphericalEnergyMonitor, SequentialEditor, SphereProjection
 from sphere_pl.data.readers import EditSourceError
 from sphere_pl.lightning.loggers import find_offline_runs, read_offline_history
@@ -622,39 +623,8 @@ def test_edited_sample_depends_only_on_the_edited_facts(tiny_model_dir, tiny_met
 # -------------------------------------------------------------------- 7. CLI + W&B
 
 
-def _cli_env(tmp_path: Path) -> dict[str, str]:
-    """No W&B credentials, every W&B/home directory in tmp_path, offline hub, this checkout importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    env.update(
-        HOME=str(home),
-        NETRC=str(home / ".netrc"),
-        WANDB_SILENT="true",
-        WANDB_CONSOLE="off",
-        WANDB_DISABLE_GIT="true",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-    )
-    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        directory = tmp_path / var.lower()
-        directory.mkdir(exist_ok=True)
-        env[var] = str(directory)
-    return env
-
-
-def _sphere_pl(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "sphere_pl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, f"sphere_pl {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result
-
-
 def test_print_config_shows_the_callback_sections(tmp_path):
-    result = _sphere_pl(["fit", "--print_config"], tmp_path, _cli_env(tmp_path))
+    result = run_cli(["fit", "--print_config"], tmp_path, cli_env(tmp_path))
     config = yaml.safe_load(result.stdout)
     assert re.search(r"^he:$", result.stdout, re.M) and re.search(r"^checkpoint:$", result.stdout, re.M)
     assert set(config["he"]) >= {"s", "reduction", "every_n_batches"}
@@ -686,10 +656,10 @@ def test_cli_fit_logs_to_offline_wandb_and_validate_restores_the_edits(tiny_mode
     }
     config_path = tmp_path / "edit.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = _cli_env(tmp_path)
+    env = cli_env(tmp_path)
 
     # fit with the default logger (AutoWandbLogger, save_dir "runs" under the working directory)
-    _sphere_pl(["fit", "--config", str(config_path)], tmp_path, env)
+    run_cli(["fit", "--config", str(config_path)], tmp_path, env)
     runs = find_offline_runs(tmp_path / "runs")
     assert len(runs) == 1
     history = read_offline_history(runs[0])
@@ -708,7 +678,7 @@ def test_cli_fit_logs_to_offline_wandb_and_validate_restores_the_edits(tiny_mode
     }
     csv_config.write_text(yaml.safe_dump({"trainer": {"logger": csv_logger_config}}))
     configs = ["--config", str(config_path), "--config", str(csv_config)]
-    _sphere_pl(["validate", *configs, "--ckpt_path", str(last)], tmp_path, env)
+    run_cli(["validate", *configs, "--ckpt_path", str(last)], tmp_path, env)
     with open(tmp_path / "validate" / "csv" / "version_0" / "metrics.csv", newline="") as f:
         rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
     validated = [r for r in rows if "final/efficacy_score" in r]

@@ -1,0 +1,239 @@
+"""The CLI as a user meets it (subprocess runs on a tiny model saved to a temp dir): the end-of-run
+summary, export / apply / rollback, resuming, and the refusals of bad input, each checked for
+its message and for leaving models, checkpoints and output paths untouched."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import CONTEXT_TEMPLATES, CORPUS
+from helpers import cli_env, run_cli, tiny_llama, tiny_tokenizer
+from sphere_pl import load_model_and_tokenizer
+from sphere_pl.data.readers import QUICKSTART_PATH, load_edit_requests
+from sphere_pl.evaluation.counterfact import CounterFactEvaluator
+
+NUM_EDITS, NUM_BATCHES = 4, 3
+
+
+def run_config(model_dir: str, stats_cache: str, root: Path, **overrides) -> dict:
+    method_args = {
+        "layers": [1, 2],
+        "values": {"num_grad_steps": 5, "lr": 0.5},
+        "stats": {"corpus": str(CORPUS), "num_samples": 20, "seq_len": 64, "cache_dir": stats_cache},
+        "context_templates": CONTEXT_TEMPLATES,
+        **overrides.pop("method_args", {}),
+    }
+    config = {
+        "trainer": {
+            "accelerator": "cpu",
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(root),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "csv"}},
+        },
+        "model": {"model_name_or_path": model_dir, "history_size": 2, "method": {"class_path": "sphere_pl.AlphaEdit", "init_args": method_args}},
+        "data": {"source": "quickstart", "dataset_size_limit": NUM_EDITS * NUM_BATCHES, "num_edits": NUM_EDITS, "num_holdout": 4, "cache_dir": str(root / "data-cache")},
+        "checkpoint": {"dirpath": str(root / "checkpoints"), "keep_last": None},
+    }
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        config[section][field] = value
+    return config
+
+
+def write_config(path: Path, config: dict) -> str:
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory) -> str:
+    """A tiny LLaMA with the same architecture and other weights."""
+    path = tmp_path_factory.mktemp("other-llama")
+    tiny_llama(seed=1).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_model_dir, stats_cache, tmp_path_factory):
+    """One CLI fit of 3 batches of 4 quickstart edits; its directory, config, env and console output."""
+    root = tmp_path_factory.mktemp("fitted")
+    env = cli_env(root)
+    config = write_config(root / "edit.yaml", run_config(tiny_model_dir, stats_cache, root / "run"))
+    result = run_cli(["fit", "--config", config], root, env)
+    return {"root": root, "run": root / "run", "config": config, "env": env, "stdout": result.stdout}
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["sphere_pl"]
+
+
+def edited_requests() -> list:
+    import random
+
+    records = load_edit_requests(str(QUICKSTART_PATH))[: NUM_EDITS * NUM_BATCHES]
+    return random.Random(0).sample(records, len(records))  # the datamodule's seeded order
+
+
+def test_fit_ends_with_a_summary_table_and_summary_files(fitted, tiny_model_dir):
+    run = fitted["run"]
+    assert "sphere_pl run summary: 12 edits in 3 batches" in fitted["stdout"]
+    assert "ΔHE/HE" in fitted["stdout"] and "final/efficacy_score" in fitted["stdout"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["edits"] == 12 and set(summary["hyperspherical_energy"]) == {"layer1", "layer2"}
+
+    # the final metrics are those of the last checkpoint's weights, scored independently
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    for name, weight in load_state(run / "checkpoints" / "last.ckpt")["weights"].items():
+        model.get_submodule(name).weight.data.copy_(weight)
+    expected = CounterFactEvaluator().evaluate(model, tokenizer, edited_requests())
+    for key, value in expected.items():
+        assert summary["final"][f"final/{key}"] == pytest.approx(float(value), rel=1e-5, abs=1e-9)
+
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["edits"]) for r in rows] == [4.0, 8.0, 12.0]
+    assert all(r["he/layer1"] and r["edited/efficacy_score"] for r in rows)
+    assert float(rows[-1]["he_delta/layer2"]) == pytest.approx(summary["hyperspherical_energy"]["layer2"]["he_delta"])
+
+
+def test_export_then_apply_writes_a_standard_checkpoint_with_the_edits(fitted, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    root, run, env = fitted["root"], fitted["run"], fitted["env"]
+    patch = root / "edits.safetensors"
+    run_cli(["export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--out", str(patch)], root, env)
+    run_cli(["apply", "--patch", str(patch), "--model", tiny_model_dir, "--out", str(root / "edited-model")], root, env)
+
+    edited = AutoModelForCausalLM.from_pretrained(root / "edited-model", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    saved = load_state(run / "checkpoints" / "last.ckpt")["weights"]
+    for name, param in edited.named_parameters():
+        module = name.removesuffix(".weight")
+        expected = saved[module] if module in saved else base.get_parameter(name)
+        assert torch.equal(param, expected), name
+    # re-scored, the saved model gives the run's final metrics
+    _, tokenizer = load_model_and_tokenizer(str(root / "edited-model"))
+    summary = json.loads((run / "summary.json").read_text())
+    rescored = CounterFactEvaluator().evaluate(edited, tokenizer, edited_requests())
+    assert float(rescored["efficacy_score"]) == pytest.approx(summary["final"]["final/efficacy_score"])
+
+
+def test_rollback_equals_the_run_stopped_earlier_and_resumes_to_the_same_end(fitted):
+    root, run, env = fitted["root"], fitted["run"], fitted["env"]
+    checkpoints = run / "checkpoints"
+    rolled = root / "rolled.ckpt"
+    run_cli(["rollback", "--ckpt_path", str(checkpoints / "last.ckpt"), "--batches", "2", "--out", str(rolled)], root, env)
+    got, expected = load_state(rolled), load_state(checkpoints / "edits-000004.ckpt")
+    assert (got["batches_done"], got["edits_applied"], got["case_ids"]) == (1, 4, expected["case_ids"])
+    for name in expected["weights"]:
+        assert float((got["weights"][name] - expected["weights"][name]).abs().max()) == 0.0
+    for key, value in expected["method"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(got["method"][key], value), key
+
+    # resuming the rolled-back checkpoint re-applies batches 1 and 2 and ends where the run ended
+    resumed_root = root / "resumed"
+    config = yaml.safe_load(Path(fitted["config"]).read_text())
+    config["trainer"]["default_root_dir"] = str(resumed_root)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(resumed_root)
+    config["checkpoint"]["dirpath"] = str(resumed_root / "checkpoints")
+    resumed_config = write_config(root / "resumed.yaml", config)
+    run_cli(["fit", "--config", resumed_config, "--ckpt_path", str(rolled)], root, env)
+    end, original_end = load_state(resumed_root / "checkpoints" / "last.ckpt"), load_state(checkpoints / "last.ckpt")
+    assert end["batches_done"] == NUM_BATCHES
+    for name in end["weights"]:
+        assert torch.equal(end["weights"][name], original_end["weights"][name])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["rollback", "--batches", "4"], "cannot roll back 4 batches: only 3 were applied"),
+        (["rollback", "--batches", "3"], "only the last 2 batch patch(es) are kept"),
+        (["export", "--out", "{root}/never.safetensors", "--ckpt_path", "{root}/edit.yaml"], "is not a readable checkpoint"),
+    ],
+)
+def test_refused_checkpoint_commands_name_the_problem_and_write_nothing(fitted, args, message):
+    root, run, env = fitted["root"], fitted["run"], fitted["env"]
+    last = run / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    if "--ckpt_path" not in args:
+        args = args + ["--ckpt_path", str(last)]
+    args = [a.format(root=root) for a in args]
+    result = run_cli(args, root, env, ok=False)
+    assert message in result.stderr
+    assert last.read_bytes() == before
+    assert not list(run.glob("checkpoints/rolled-back-*")) and not (root / "never.safetensors").exists()
+
+
+def test_patch_for_another_model_or_with_a_missing_tensor_is_refused(fitted, other_model_dir):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    root, run, env = fitted["root"], fitted["run"], fitted["env"]
+    patch = root / "for-refusals.safetensors"
+    run_cli(["export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--out", str(patch)], root, env)
+    result = run_cli(["apply", "--patch", str(patch), "--model", other_model_dir, "--out", str(root / "wrong")], root, env, ok=False)
+    metadata = json.loads(safe_open(str(patch), framework="pt").metadata()["sphere_pl"])
+    assert metadata["base_fingerprint"] in result.stderr and "base fingerprint" in result.stderr
+    assert not (root / "wrong").exists()
+
+    tensors = load_file(str(patch))
+    del tensors["model.layers.2.mlp.down_proj.delta"]
+    save_file(tensors, str(root / "torn.safetensors"), metadata=safe_open(str(patch), framework="pt").metadata())
+    result = run_cli(["apply", "--patch", str(root / "torn.safetensors"), "--out", str(root / "torn")], root, env, ok=False)
+    assert "lacks tensor 'model.layers.2.mlp.down_proj.delta'" in result.stderr
+    assert not (root / "torn").exists()
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_or_a_url(fitted, other_model_dir, stats_cache):
+    root, run, env = fitted["root"], fitted["run"], fitted["env"]
+    other_root = root / "other"
+    config = write_config(root / "other.yaml", run_config(other_model_dir, stats_cache, other_root))
+    result = run_cli(["fit", "--config", config, "--ckpt_path", str(run / "checkpoints" / "edits-000004.ckpt")], root, env, ok=False)
+    assert "the saved state was made for model" in result.stderr and other_model_dir in result.stderr
+    assert not list(other_root.glob("checkpoints/*.ckpt"))  # nothing edited, nothing written
+
+    result = run_cli(["fit", "--config", config, "--ckpt_path", "https://example.invalid/last.ckpt"], root, env, ok=False)
+    assert "is a URL" in result.stderr
+
+
+LONG_PROMPT = " ".join(["word"] * 300) + " {} is located in"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"method_args": {"values": {"num_grad_steps": 5, "lr": 1e30}}}, "values.lr"),
+        ({"method_args": {"values": {"num_grad_steps": 0}}}, "values.num_grad_steps = 0"),
+        ({"method_args": {"nullspace_threshold": 0.0}}, "nullspace_threshold = 0.0"),
+        ({"method_args": {"layers": [1, 1]}}, "layers lists layer(s) [1] more than once"),
+        ("long-prompt", "field 'prompt': needs"),
+    ],
+    ids=["huge-lr", "no-steps", "no-null-space", "duplicate-layers", "prompt-longer-than-context"],
+)
+def test_settings_that_would_edit_nothing_and_overlong_prompts_are_refused(tiny_model_dir, stats_cache, tmp_path, override, message):
+    env = cli_env(tmp_path)
+    if override == "long-prompt":
+        records = json.loads(QUICKSTART_PATH.read_text())[:12]
+        records[5]["requested_rewrite"]["prompt"] = LONG_PROMPT
+        records[5]["requested_rewrite"]["subject"] = "Zorbl"
+        (tmp_path / "long.json").write_text(json.dumps(records))
+        config = run_config(tiny_model_dir, stats_cache, tmp_path / "run")
+        config["data"].update(source=str(tmp_path / "long.json"), num_holdout=0)
+    else:
+        config = run_config(tiny_model_dir, stats_cache, tmp_path / "run", **override)
+    result = run_cli(["fit", "--config", write_config(tmp_path / "bad.yaml", config)], tmp_path, env, ok=False)
+    assert message in result.stderr
+    if override == "long-prompt":
+        case_id = json.loads(QUICKSTART_PATH.read_text())[5]["case_id"]
+        assert f"case_id={case_id!r}" in result.stderr and "at most 256" in result.stderr
+    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
