@@ -47,6 +47,15 @@ def test_every_registered_method_has_a_tiny_configuration(stats_cache):
     assert set(tiny_method_kwargs(stats_cache)) == set(METHODS)
 
 
+def test_methods_are_created_by_registered_name_and_unknown_names_are_refused(stats_cache):
+    from sphere_pl import create_method
+
+    for registered, cls in METHODS.items():
+        assert type(create_method(registered.upper(), **tiny_method_kwargs(stats_cache)[registered])) is cls
+    with pytest.raises(ValueError, match=r"unknown editing method 'memitt'; known methods: \['alphaedit'"):
+        create_method("memitt")
+
+
 def make_editor(tiny_model_dir, method_factory, name, filters=None, **kwargs) -> Editor:
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
     return Editor(model, tokenizer, method_factory(name), filters=filters, model_id=tiny_model_dir, **kwargs)
