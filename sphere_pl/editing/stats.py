@@ -136,7 +136,7 @@ def second_moments(model, tokenizer, templates: ModuleTemplates, layers: list[in
             if not chunk:
                 break
             ids = torch.tensor(chunk, device=device)
-            found = capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, inputs_of=[names[l] for l in missing], stop_after=stop)
+            found = capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, inputs_of=[names[layer] for layer in missing], stop_after=stop)
             for layer in missing:
                 keys = found[("in", names[layer])].flatten(0, -2).float()
                 moment = keys.T @ keys

@@ -21,7 +21,6 @@ from sphere_pl import Editor, EditFailedError, SphereProjection, load_model_and_
 from sphere_pl.data.records import EditRequest
 from sphere_pl.editing.methods import METHODS
 from sphere_pl.editing.writer import DeltaFilter, NonFiniteUpdateError
-from sphere_pl.models import linear_weight
 
 BATCHES = [
     [EditRequest(0, "{} is located in", "Eiffel Tower", "Rome", "Paris"), EditRequest(1, "The capital of {} is", "Japan", "Kyoto", "Tokyo")],
@@ -152,6 +151,19 @@ def test_non_finite_update_rolls_back_weights_and_method_state(tiny_model_dir, m
     assert max_abs_diff(all_params(editor), weights) == 0
     assert_same_state(method_state(editor), state)
     assert (editor.batches_done, editor.edits_applied) == (1, 2)
+
+
+class Zeroing(DeltaFilter):
+    def forward(self, module_name, weight, delta):
+        return torch.zeros_like(delta)
+
+
+def test_a_batch_whose_written_deltas_are_all_zero_is_an_error(tiny_model_dir, method_factory, name):
+    editor = make_editor(tiny_model_dir, method_factory, name, filters=[Zeroing()])
+    weights = all_params(editor)
+    with pytest.raises(EditFailedError, match="every delta written for this batch is zero"):
+        editor.apply(BATCHES[0])
+    assert max_abs_diff(all_params(editor), weights) == 0 and editor.batches_done == 0
 
 
 def test_resume_from_state_dict_equals_an_uninterrupted_run(tiny_model_dir, method_factory, name, tmp_path):

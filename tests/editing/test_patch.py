@@ -120,3 +120,13 @@ def test_writer_checks_the_value_written_in_half_precision(dtype):
     with pytest.raises(NonFiniteUpdateError, match="non-finite in torch"):
         WeightWriter(LoadedModel(model, tiny_tokenizer(), templates, "half")).write(name, delta)
     assert torch.equal(linear_weight(model.get_submodule(name)), original)
+
+
+def test_saved_state_is_refused_for_other_weights_under_the_same_model_id(edited_run, tiny_model_dir):
+    editor, _, _ = edited_run
+    state = editor.state_dict()
+    other = Editor(tiny_llama(seed=1), tiny_tokenizer(), editor.method.__class__(**{"layers": [1, 2]}), model_id=tiny_model_dir)
+    untouched = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"base-weight fingerprint '{editor.base_fingerprint}', but this editor has '{other.base_fingerprint}'"):
+        other.load_state_dict(state)
+    assert all(torch.equal(v, untouched[k]) for k, v in other.model.state_dict().items())

@@ -206,6 +206,39 @@ def test_resume_refuses_a_checkpoint_of_another_model_or_a_url(fitted, other_mod
     assert "is a URL" in result.stderr
 
 
+class _RunsCode:
+    """Unpickling this runs a shell command: what a crafted checkpoint could do without weights_only."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_with_pickled_code_or_from_another_run_are_refused(fitted, tmp_path):
+    root, run, env = fitted["root"], fitted["run"], fitted["env"]
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"sphere_pl": _RunsCode(marker), "state_dict": {}}, crafted)
+    for command in (["fit", "--config", fitted["config"]], ["export", "--out", str(tmp_path / "p.safetensors")]):
+        result = run_cli([*command, "--ckpt_path", str(crafted)], root, env, ok=False)
+        assert "Unpickl" in result.stderr or "weights_only" in result.stderr
+        assert not marker.exists()  # the pickled code never ran
+
+    # the same model, other edit data (another seed): the first batch's case_ids differ
+    config = yaml.safe_load(Path(fitted["config"]).read_text())
+    config["data"]["seed"] = 1
+    config["checkpoint"]["dirpath"] = str(tmp_path / "checkpoints")
+    config["trainer"]["default_root_dir"] = str(tmp_path)
+    other_run = write_config(tmp_path / "other-run.yaml", config)
+    result = run_cli(["fit", "--config", other_run, "--ckpt_path", str(run / "checkpoints" / "edits-000004.ckpt")], root, env, ok=False)
+    assert "the checkpoint is from another run: its edit batch 0 held case_ids" in result.stderr
+    assert not list((tmp_path / "checkpoints").glob("*.ckpt"))
+
+
 LONG_PROMPT = " ".join(["word"] * 300) + " {} is located in"
 
 

@@ -14,10 +14,7 @@ import csv
 import io
 import itertools
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -28,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from conftest import CONTEXT_TEMPLATES, CORPUS
 from helpers import cli_env, run_cli
-from sphere_pl import EditCheckpoint, EditDataModule, HypersphericalEnergyMonitor, SequentialEditor, SphereProjection
+from sphere_pl import EditCheckpoint, EditDataModule, HypersphericalEnergyMonitor, SequentialEditor
 from sphere_pl.data.readers import EditSourceError
 from sphere_pl.lightning.loggers import find_offline_runs, read_offline_history
 from sphere_pl.editing import NonFiniteUpdateError
