@@ -81,15 +81,15 @@ def resolve_templates(model: nn.Module, overrides: dict[str, str] | None = None)
         templates = ModuleTemplates(**overrides)
     else:
         templates = ModuleTemplates(**{**base.__dict__, **overrides})
-    if model_type == "gpt_neox" and "lm_head" not in overrides and not _has_module(model, "embed_out"):
+    if model_type == "gpt_neox" and "lm_head" not in overrides and not has_module(model, "embed_out"):
         templates = ModuleTemplates(**{**templates.__dict__, "lm_head": "lm_head"})
     for name in (templates.down_proj_at(0), templates.layer_at(0), templates.layers, templates.final_norm, templates.lm_head):
-        if not _has_module(model, name):
+        if not has_module(model, name):
             raise ValueError(f"module {name!r} not found in {type(model).__name__}; fix model.module_templates")
     return templates
 
 
-def _has_module(model: nn.Module, name: str) -> bool:
+def has_module(model: nn.Module, name: str) -> bool:
     try:
         model.get_submodule(name)
         return True

@@ -23,12 +23,9 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A tiny random LLaMA + byte tokenizer written with save_pretrained, loaded by local path."""
-    from helpers import tiny_llama, tiny_tokenizer
+    from helpers import save_tiny_model
 
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(seed=0).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,13 @@ def tiny_tokenizer():
 REPO = Path(__file__).resolve().parents[1]
 
 
+def save_tiny_model(path: Path, seed: int = 0) -> str:
+    """A tiny random LLaMA and the byte tokenizer written with save_pretrained, to load by local path."""
+    tiny_llama(seed=seed).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
 def cli_env(tmp_path: Path) -> dict[str, str]:
     """No W&B credentials, every W&B/home directory in tmp_path, offline hub, this checkout importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}

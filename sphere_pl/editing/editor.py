@@ -162,7 +162,6 @@ class Editor:
         self.check_requests(requests)
         self.prepare()
         before = {name: linear_weight(self.model.get_submodule(name)).detach().clone() for name in self.edited_modules}
-        self.writer.reset()
         case_ids = [r.case_id for r in requests]
         try:
             result = self.method.edit(self.lm, requests, self.writer)

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..models import linear_weight, set_linear_weight, tensors_digest, weights_fingerprint
+from ..models import has_module, linear_weight, set_linear_weight, tensors_digest, weights_fingerprint
 
 FORMAT = "sphere_pl.patch/1"
 
@@ -133,7 +133,7 @@ class Patch:
     # ------------------------------------------------------------ applying
     def check_fits(self, model: nn.Module, direction: str = "apply") -> None:
         """Refuse (PatchError) unless `model` is the base this patch was made for, in the right state."""
-        missing = [name for name in self.modules if not _has_module(model, name)]
+        missing = [name for name in self.modules if not has_module(model, name)]
         if missing:
             raise PatchError(f"the model has no module(s) {missing} that this patch edits")
         for name, change in self.changes.items():
@@ -220,12 +220,3 @@ class Patch:
             f"Patch(batches {m.get('first_batch')}..{m.get('last_batch')}, {self.num_edits} edits, "
             f"method {m.get('method', {}).get('name')!r}, modules {self.modules}, {self.nbytes / 2**20:.1f} MiB)"
         )
-
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-

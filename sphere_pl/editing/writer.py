@@ -37,15 +37,11 @@ class DeltaFilter(nn.Module):
 
 
 class WeightWriter:
-    """Filters, checks and writes deltas; remembers which modules it wrote since `reset()`."""
+    """Filters, checks and writes deltas."""
 
     def __init__(self, lm: LoadedModel, filters: list[DeltaFilter] = ()):
         self.lm = lm
         self.filters = list(filters)
-        self.written: list[str] = []
-
-    def reset(self) -> None:
-        self.written = []
 
     def write(self, module_name: str, delta: torch.Tensor) -> torch.Tensor:
         """Add `delta` (nn.Linear layout) to the weight of `module_name`; returns the delta after filtering."""
@@ -67,5 +63,4 @@ class WeightWriter:
                 f"(the delta's largest magnitude after filtering is {float(delta.abs().max()):.3g})"
             )
         set_linear_weight(module, new_weight)
-        self.written.append(module_name)
         return delta

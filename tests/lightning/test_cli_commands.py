@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from conftest import CONTEXT_TEMPLATES, CORPUS
-from helpers import cli_env, run_cli, tiny_llama, tiny_tokenizer
+from helpers import cli_env, run_cli, save_tiny_model
 from sphere_pl import load_model_and_tokenizer
 from sphere_pl.data.readers import QUICKSTART_PATH, load_edit_requests
 from sphere_pl.evaluation.counterfact import CounterFactEvaluator
@@ -55,10 +55,7 @@ def write_config(path: Path, config: dict) -> str:
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory) -> str:
     """A tiny LLaMA with the same architecture and other weights."""
-    path = tmp_path_factory.mktemp("other-llama")
-    tiny_llama(seed=1).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("other-llama"), seed=1)
 
 
 @pytest.fixture(scope="module")
