@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may download
@@ -69,6 +70,8 @@ def tiny_method_kwargs(stats_cache: str) -> dict[str, dict]:
     )
     return {
         "alphaedit": dict(layers=[1, 2], **common),
+        "memit": dict(layers=[1, 2], **common),
+        "rect": dict(layers=[1, 2], **common),
     }
 
 
@@ -82,3 +85,20 @@ def method_factory(stats_cache):
         return create_method(name, **{**kwargs, **overrides})
 
     return make
+
+
+@pytest.fixture
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from helpers import tiny_tokenizer
+
+    return tiny_tokenizer()

@@ -24,12 +24,14 @@ from sphere_pl.editing.methods import BatchEdit, EditMethod
 from sphere_pl.editing.writer import NonFiniteUpdateError, WeightWriter
 from sphere_pl.editing.keys import compute_keys
 from sphere_pl.editing.values import ValueOptimization, optimize_values, optimize_values_reference
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import tiny_llama
 from sphere_pl.models import linear_weight, resolve_templates
 from sphere_pl.sphere.projection import SphereProjection
 from sphere_pl.data.records import EditRequest
 from sphere_pl.editing.stats import KeyStatistics, second_moments
 from sphere_pl.tracing import run_from_layer
+
+from brute_force import _brute_force_block_output, _brute_force_keys, _rel_err, _single_forward_reads, _subject_last_index
 
 VOCAB = 257  # the byte tokenizer's vocabulary (256 bytes + <eos>)
 
@@ -52,89 +54,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
-
-
-# ---------------------------------------------------------------------------------------------
-# brute-force helpers
-
-
-def _subject_last_index(tokenizer, text: str, subject: str) -> int:
-    """Index of the subject's last token in `text`, by searching the subject's ids in the text's ids."""
-    ids = tokenizer(text)["input_ids"]
-    sub = tokenizer(subject, add_special_tokens=False)["input_ids"]
-    hits = [i + len(sub) - 1 for i in range(len(ids) - len(sub) + 1) if ids[i : i + len(sub)] == sub]
-    assert len(hits) == 1, f"subject {subject!r} must occur exactly once in {text!r}"
-    return hits[0]
-
-
-def _single_forward_reads(model, tokenizer, text, pre_hook_modules=(), hook_modules=()):
-    """Full forward pass of one unpadded text; inputs of `pre_hook_modules`, outputs of `hook_modules`."""
-    found, handles = {}, []
-    for name in pre_hook_modules:
-        handles.append(
-            model.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: found.__setitem__(("in", name), a[0][0]))
-        )
-    for name in hook_modules:
-        handles.append(
-            model.get_submodule(name).register_forward_hook(
-                lambda m, a, out, name=name: found.__setitem__(("out", name), (out[0] if isinstance(out, tuple) else out)[0])
-            )
-        )
-    try:
-        with torch.no_grad():
-            model(**tokenizer(text, return_tensors="pt"), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return found
-
-
-def _brute_force_keys(model, tokenizer, templates, requests, groups, layer):
-    """(n, d_in) float64: down_proj input at the subject's last token, mean within groups then across."""
-    name = templates.down_proj_at(layer)
-    keys = []
-    for r in requests:
-        group_means = []
-        for group in groups:
-            vectors = []
-            for context in group:
-                text = context.replace("{}", r.prompt, 1).replace("{}", r.subject)
-                idx = _subject_last_index(tokenizer, text, r.subject)
-                vectors.append(_single_forward_reads(model, tokenizer, text, pre_hook_modules=[name])[("in", name)][idx].double())
-            group_means.append(torch.stack(vectors).mean(0))
-        keys.append(torch.stack(group_means).mean(0))
-    return torch.stack(keys)
-
-
-def _brute_force_block_output(model, tokenizer, templates, requests, layer):
-    """(n, d_model) float64: output of block `layer` at the subject's last token of each bare prompt."""
-    name = templates.layer_at(layer)
-    out = []
-    for r in requests:
-        text = r.prompt.replace("{}", r.subject)
-        idx = _subject_last_index(tokenizer, text, r.subject)
-        out.append(_single_forward_reads(model, tokenizer, text, hook_modules=[name])[("out", name)][idx].double())
-    return torch.stack(out)
 
 
 # ---------------------------------------------------------------------------------------------

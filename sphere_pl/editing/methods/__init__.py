@@ -1,6 +1,8 @@
 """Editing methods, one module each, registered by name (`create_method("alphaedit")`)."""
 
 from .alphaedit import AlphaEdit
+from .memit import MEMIT
+from .rect import RECT, RelativeChangeSparsifier
 from .base import METHODS, BatchEdit, EditMethod, LocateThenEdit, create_method, register_method
 
-__all__ = ["METHODS", "AlphaEdit", "BatchEdit", "EditMethod", "LocateThenEdit", "create_method", "register_method"]
+__all__ = ["MEMIT", "METHODS", "RECT", "AlphaEdit", "RelativeChangeSparsifier", "BatchEdit", "EditMethod", "LocateThenEdit", "create_method", "register_method"]

@@ -22,6 +22,7 @@ from ..keys import GENERATION_PREFIXES, KeyReader, generate_context_templates
 from ..lm import LoadedModel
 from ..stats import KeyStatistics, second_moments
 from ..values import ValueOptimization, optimize_values
+from ...models import linear_weight, set_linear_weight
 from ..writer import DeltaFilter, WeightWriter
 
 
@@ -152,8 +153,16 @@ class LocateThenEdit(EditMethod):
 
     A subclass must implement ``solve(index, keys, residuals) -> delta`` and may override
     ``batch_state(final_keys)`` (the state change to commit; the keys are read again after
-    all layers were written), ``commit``/``revert`` and ``setup`` (calling super).
+    all layers were written), ``commit``/``revert_state`` and ``setup`` (calling super).
+
+    ``writes_each_layer`` says when the deltas reach the weights. True (AlphaEdit): each
+    layer's delta goes through the writer (filters included) before the next layer's keys
+    are read. False (MEMIT's official code): each raw delta is added provisionally so the
+    next layers see it, then the weights are restored and every delta is written through
+    the writer at the end of the batch.
     """
+
+    writes_each_layer: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -216,12 +225,26 @@ class LocateThenEdit(EditMethod):
 
         with lm.timer("keys"):
             reader = KeyReader(model, tok, templates, requests, self.context_groups, from_layer=min(self.layers))
-        for i, layer in enumerate(self.layers):
-            with lm.timer("keys"):
-                keys, current = reader.read([layer], output_layer=z_layer)
-            with lm.timer("solve"):
-                delta = self.solve(i, keys[layer].T, (targets - current).T / (len(self.layers) - i))
-            writer.write(templates.down_proj_at(layer), delta)
+        provisional: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (weight before, delta)
+        try:
+            for i, layer in enumerate(self.layers):
+                with lm.timer("keys"):
+                    keys, current = reader.read([layer], output_layer=z_layer)
+                with lm.timer("solve"):
+                    delta = self.solve(i, keys[layer].T, (targets - current).T / (len(self.layers) - i))
+                name = templates.down_proj_at(layer)
+                if self.writes_each_layer:
+                    writer.write(name, delta)
+                else:
+                    module = model.get_submodule(name)
+                    before = linear_weight(module).detach().clone()
+                    provisional[name] = (before, delta)
+                    set_linear_weight(module, before + delta.to(before.dtype))
+        finally:
+            for name, (before, _) in provisional.items():
+                set_linear_weight(model.get_submodule(name), before)
+        for name, (_, delta) in provisional.items():
+            writer.write(name, delta)
 
         with lm.timer("keys"):
             final_keys, _ = reader.read(self.layers)

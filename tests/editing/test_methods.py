@@ -1,0 +1,104 @@
+"""Per-method properties, each against an independent computation:
+MEMIT's closed form in float64, RECT's sparsity."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from brute_force import _brute_force_block_output, _brute_force_keys, _rel_err
+from helpers import tiny_llama
+from sphere_pl.data.records import EditRequest
+from sphere_pl.editing.lm import LoadedModel
+from sphere_pl.editing.stats import second_moments
+from sphere_pl.editing.values import optimize_values
+from sphere_pl.editing.writer import DeltaFilter, WeightWriter
+from sphere_pl.models import linear_weight, resolve_templates
+
+REQUESTS = [
+    EditRequest(0, "{} is located in", "Eiffel Tower", "Rome", "Paris"),
+    EditRequest(1, "The capital of {} is", "Japan", "Kyoto city", "Tokyo"),
+    EditRequest(2, "{} plays", "Messi", "basketball and chess", "football"),
+]
+
+
+def _weights(model, templates, layers):
+    return {layer: linear_weight(model.get_submodule(templates.down_proj_at(layer))).detach().clone() for layer in layers}
+
+
+def test_memit_delta_equals_the_closed_form_in_float64(tok, method_factory, float64_default):
+    model = tiny_llama().double()
+    templates = resolve_templates(model)
+    lm = LoadedModel(model, tok, templates, "test-methods/tiny-llama-f64")
+    lam = 3.0  # small enough that K Kᵀ matters next to λ C0
+    method = method_factory("memit", mom2_update_weight=lam)
+    method.setup(lm)
+    moments = second_moments(model, tok, templates, method.layers, method.stats, lm.model_id)
+    reference = copy.deepcopy(model)
+    before = _weights(model, templates, method.layers)
+    method.edit(lm, REQUESTS, WeightWriter(lm, []))
+    after = _weights(model, templates, method.layers)
+
+    # SPEC section 4 step by step: z at the last layer; per layer keys K and residual R read with the
+    # earlier layers' raw deltas applied; ΔW = R Kᵀ (λ C0 + K Kᵀ)⁻¹ (an explicit inverse here)
+    z_layer = method.layers[-1]
+    z, _ = optimize_values(reference, tok, templates, REQUESTS, method.context_groups, z_layer, method.values)
+    for i, layer in enumerate(method.layers):
+        k = _brute_force_keys(reference, tok, templates, REQUESTS, method.context_groups, layer).T
+        h = _brute_force_block_output(reference, tok, templates, REQUESTS, z_layer)
+        r = (z - h).T / (len(method.layers) - i)
+        expected = r @ k.T @ torch.linalg.inv(lam * moments[layer].double() + k @ k.T)
+        assert expected.norm() > 1e-6 * before[layer].norm()
+        assert _rel_err(after[layer] - before[layer], expected) < 1e-6, f"layer {layer}"  # keys are read in float32
+        with torch.no_grad():
+            reference.get_submodule(templates.down_proj_at(layer)).weight.add_(expected)
+
+
+class _Capture(DeltaFilter):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, module_name, weight, delta):
+        self.seen.append((weight.detach().clone(), delta.detach().clone()))
+        return delta
+
+
+def test_rect_keeps_at_most_40_percent_of_entries_the_largest_relative_changes(tok, method_factory):
+    model = tiny_llama()
+    templates = resolve_templates(model)
+    lm = LoadedModel(model, tok, templates, "test-methods/tiny-llama")
+    method = method_factory("rect")
+    method.setup(lm)
+    raw, sparse = _Capture(), _Capture()
+    # the raw MEMIT delta (before RECT's sparsifier) and what the writer writes (after it)
+    writer = WeightWriter(lm, [raw, *method.delta_filters(), sparse])
+    before = _weights(model, templates, method.layers)
+    method.edit(lm, REQUESTS, writer)
+    after = _weights(model, templates, method.layers)
+
+    assert len(raw.seen) == len(sparse.seen) == len(method.layers)
+    for layer, (weight, delta), (_, kept) in zip(method.layers, raw.seen, sparse.seen):
+        nonzero = kept != 0
+        assert 0 < int(nonzero.sum()) <= 0.4 * kept.numel(), f"layer {layer}"
+        assert torch.equal(kept[nonzero], delta[nonzero])  # kept entries are untouched
+        relative = (delta / (weight + 1e-8)).abs()
+        assert relative[nonzero].min() >= relative[~nonzero].max()  # and they are the largest changes
+        written = after[layer] - before[layer]
+        assert int((written != 0).sum()) <= 0.4 * written.numel()
+
+
+def test_memit_computes_every_layer_with_raw_deltas_and_writes_them_at_the_end(tiny_model_dir, method_factory):
+    """As the official code: the SPHERE projection changes what is written, never what later layers see."""
+    from sphere_pl import Editor, SphereProjection, load_model_and_tokenizer
+
+    proposals = {}
+    for variant, filters in (("plain", []), ("sphere", [SphereProjection(0.5, 0.5)])):
+        model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+        capture = _Capture()
+        Editor(model, tokenizer, method_factory("memit"), filters=[capture, *filters], model_id=tiny_model_dir).apply(REQUESTS)
+        proposals[variant] = capture.seen
+    for (w_plain, d_plain), (w_sphere, d_sphere) in zip(proposals["plain"], proposals["sphere"]):
+        assert torch.equal(w_plain, w_sphere)  # every write starts from the pre-batch weight
+        assert torch.equal(d_plain, d_sphere)  # the later layers' proposals did not see projected deltas
