@@ -2,7 +2,8 @@
 
 A request's key at a layer is the down-projection input at the subject's last token,
 averaged first within each group of context templates and then across groups, so the
-edit generalises beyond the exact prompt. The first group is always the bare prompt.
+edit generalises beyond the exact prompt. The first context of the first group is always the
+bare prompt ("{}"); ROME uses one flat group, the MEMIT family a group of its own for it.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class KeyReader:
     """
 
     def __init__(self, model, tokenizer, templates: ModuleTemplates, requests: list[EditRequest], context_groups: list[list[str]], from_layer: int, batch_size: int = 64):
-        if context_groups[0] != ["{}"]:
-            raise ValueError("the first context group must be ['{}'] (the bare prompt)")
+        if context_groups[0][0] != "{}":
+            raise ValueError("the first context template must be '{}' (the bare prompt)")
         self.model, self.templates, self.from_layer = model, templates, from_layer
         self.n, self.context_groups = len(requests), context_groups
         device = next(model.parameters()).device

@@ -165,8 +165,15 @@ def _check_layers(model, templates: ModuleTemplates, layer: int, hp: ValueOptimi
     return loss_layer
 
 
-def optimize_values(model, tokenizer, templates: ModuleTemplates, requests: list[EditRequest], context_groups, layer: int, hp: ValueOptimization):
-    """Target values z (n, d_model) for all requests, optimised jointly. Returns (z, info)."""
+def optimize_values(
+    model, tokenizer, templates: ModuleTemplates, requests: list[EditRequest], context_groups, layer: int, hp: ValueOptimization,
+    reference: torch.Tensor | None = None,
+):
+    """Target values z (n, d_model) for all requests, optimised jointly. Returns (z, info).
+
+    The clamp and the weight decay are relative to the norm of h, the block output at the
+    subject's last token, unless `reference` (n, d_model) gives other vectors (ROME: the MLP output).
+    """
     loss_layer = _check_layers(model, templates, layer, hp)
     device = next(model.parameters()).device
     lm_head = model.get_submodule(templates.lm_head)
@@ -177,7 +184,7 @@ def optimize_values(model, tokenizer, templates: ModuleTemplates, requests: list
         ("out", templates.layer_at(layer))
     ]
     h_init = _wide(block_out[p.init_seq, p.lookup[p.init_seq]])  # (n, d)
-    h_norm = h_init.norm(dim=-1)
+    h_norm = (h_init if reference is None else _wide(reference)).norm(dim=-1)
     max_norm = hp.clamp_norm_factor * h_norm
 
     delta = torch.zeros_like(h_init, requires_grad=True)
@@ -225,7 +232,7 @@ def optimize_values(model, tokenizer, templates: ModuleTemplates, requests: list
         active = stepping
 
     z = (h_init + delta.detach()).to(block_out.dtype)
-    return z, {"steps": steps, "loss": final_loss, "initial_loss": initial_loss, "delta_norm": delta.detach().norm(dim=-1).cpu()}
+    return z, {"steps": steps, "loss": final_loss, "initial_loss": initial_loss, "delta_norm": delta.detach().norm(dim=-1).cpu(), "delta": delta.detach()}
 
 
 def optimize_values_reference(model, tokenizer, templates: ModuleTemplates, requests: list[EditRequest], context_groups, layer: int, hp: ValueOptimization):

@@ -102,3 +102,19 @@ def test_memit_computes_every_layer_with_raw_deltas_and_writes_them_at_the_end(t
     for (w_plain, d_plain), (w_sphere, d_sphere) in zip(proposals["plain"], proposals["sphere"]):
         assert torch.equal(w_plain, w_sphere)  # every write starts from the pre-batch weight
         assert torch.equal(d_plain, d_sphere)  # the later layers' proposals did not see projected deltas
+
+
+def test_rome_writes_one_rank_one_update_per_request(tiny_model_dir, method_factory):
+    from sphere_pl import Editor, load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    capture = _Capture()
+    editor = Editor(model, tokenizer, method_factory("rome"), filters=[capture], model_id=tiny_model_dir)
+    patch = editor.apply(REQUESTS[:2])
+    assert len(capture.seen) == 2  # request by request
+    for weight, delta in capture.seen:
+        s = torch.linalg.svdvals(delta.double())
+        assert s[0] > 0 and s[1] <= 1e-6 * s[0]  # rank one
+    assert not torch.equal(capture.seen[0][0], capture.seen[1][0])  # the second request saw the first one's edit
+    s = torch.linalg.svdvals(patch.delta(editor.edited_modules[0]).double())
+    assert s[2] <= 1e-5 * s[0]  # the batch's change has rank two

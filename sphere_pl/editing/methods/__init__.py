@@ -3,6 +3,7 @@
 from .alphaedit import AlphaEdit
 from .memit import MEMIT
 from .rect import RECT, RelativeChangeSparsifier
+from .rome import ROME
 from .base import METHODS, BatchEdit, EditMethod, LocateThenEdit, create_method, register_method
 
-__all__ = ["MEMIT", "METHODS", "RECT", "AlphaEdit", "RelativeChangeSparsifier", "BatchEdit", "EditMethod", "LocateThenEdit", "create_method", "register_method"]
+__all__ = ["MEMIT", "METHODS", "RECT", "ROME", "AlphaEdit", "RelativeChangeSparsifier", "BatchEdit", "EditMethod", "LocateThenEdit", "create_method", "register_method"]
