@@ -118,3 +118,17 @@ def test_rome_writes_one_rank_one_update_per_request(tiny_model_dir, method_fact
     assert not torch.equal(capture.seen[0][0], capture.seen[1][0])  # the second request saw the first one's edit
     s = torch.linalg.svdvals(patch.delta(editor.edited_modules[0]).double())
     assert s[2] <= 1e-5 * s[0]  # the batch's change has rank two
+
+
+def test_ft_delta_respects_its_norm_bound(tiny_model_dir, method_factory):
+    from sphere_pl import Editor, load_model_and_tokenizer
+
+    bound = 2e-3
+    deltas = {}
+    for constraint in (None, bound):
+        model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+        editor = Editor(model, tokenizer, method_factory("ft", norm_constraint=constraint), filters=[], model_id=tiny_model_dir)
+        deltas[constraint] = editor.apply(REQUESTS).delta(editor.edited_modules[0])
+    assert deltas[None].abs().max() > 2 * bound  # unconstrained, the same steps move entries further
+    assert deltas[bound].abs().max() <= bound * (1 + 1e-6)
+    assert int((deltas[bound].abs() > 0.5 * bound).sum()) > 0  # and the bound is reached, not idle

@@ -1,9 +1,10 @@
 """Editing methods, one module each, registered by name (`create_method("alphaedit")`)."""
 
 from .alphaedit import AlphaEdit
+from .ft import FineTune
 from .memit import MEMIT
 from .rect import RECT, RelativeChangeSparsifier
 from .rome import ROME
 from .base import METHODS, BatchEdit, EditMethod, LocateThenEdit, create_method, register_method
 
-__all__ = ["MEMIT", "METHODS", "RECT", "ROME", "AlphaEdit", "RelativeChangeSparsifier", "BatchEdit", "EditMethod", "LocateThenEdit", "create_method", "register_method"]
+__all__ = ["FineTune", "MEMIT", "METHODS", "RECT", "ROME", "AlphaEdit", "RelativeChangeSparsifier", "BatchEdit", "EditMethod", "LocateThenEdit", "create_method", "register_method"]
