@@ -72,6 +72,7 @@ def tiny_method_kwargs(stats_cache: str) -> dict[str, dict]:
         "alphaedit": dict(layers=[1, 2], **common),
         "memit": dict(layers=[1, 2], **common),
         "rect": dict(layers=[1, 2], **common),
+        "prune": dict(layers=[1, 2], **common),
         "rome": dict(layer=1, **common),
         "ft": dict(layer=2, num_steps=5, lr=1e-2),
     }

@@ -244,10 +244,15 @@ class Editor:
             set_linear_weight(self.model.get_submodule(name), weight)
 
     # -------------------------------------------------------------- evaluation
+    def evaluation_weights(self):
+        """Context manager: the weights the method wants evaluated (the live ones, except PRUNE's restrained ones)."""
+        return self.method.evaluation_weights(self.lm, self.writer)
+
     def evaluate(self, requests: Sequence[EditRequest], prefix: str = "") -> dict[str, float]:
         """CounterFact efficacy / generalization / specificity scores and magnitudes of `requests`."""
         evaluator = CounterFactEvaluator(prefix, self.scoring_batch_size)
-        values = evaluator.evaluate(self.model, self.tokenizer, list(requests))
+        with self.evaluation_weights():
+            values = evaluator.evaluate(self.model, self.tokenizer, list(requests))
         return {k: float(v) for k, v in values.items() if not torch.isnan(v)}
 
     # ---------------------------------------------------------------- resuming

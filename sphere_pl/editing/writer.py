@@ -43,17 +43,27 @@ class WeightWriter:
         self.lm = lm
         self.filters = list(filters)
 
-    def write(self, module_name: str, delta: torch.Tensor) -> torch.Tensor:
-        """Add `delta` (nn.Linear layout) to the weight of `module_name`; returns the delta after filtering."""
+    def filter(self, module_name: str, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Run the filter chain on `delta` as if it were added to `weight`."""
+        with self.lm.timer("projection"):
+            for f in self.filters:
+                delta = f(module_name, weight, delta)
+        return delta
+
+    def write(self, module_name: str, delta: torch.Tensor, apply_filters: bool = True) -> torch.Tensor:
+        """Add `delta` (nn.Linear layout) to the weight of `module_name`; returns the delta after filtering.
+
+        `apply_filters=False` is for a method whose algorithm runs the filters elsewhere
+        (PRUNE filters its restrained cumulative delta); the finiteness check always runs.
+        """
         module = self.lm.model.get_submodule(module_name)
         weight = linear_weight(module)
         if delta.shape != weight.shape:
             raise ValueError(f"delta for {module_name} has shape {tuple(delta.shape)}, weight has {tuple(weight.shape)}")
         if not torch.isfinite(delta).all():
             raise NonFiniteUpdateError(f"non-finite update for {module_name}")
-        with self.lm.timer("projection"):
-            for f in self.filters:
-                delta = f(module_name, weight, delta)
+        if apply_filters:
+            delta = self.filter(module_name, weight, delta)
         with torch.no_grad():
             new_weight = weight + delta.to(dtype=weight.dtype, device=weight.device)
         if not torch.isfinite(new_weight).all():

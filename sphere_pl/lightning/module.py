@@ -93,12 +93,12 @@ class SequentialEditor(L.LightningModule):
 
     # ----------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
-        """Check every record against the model, then prepare the editor on the unedited weights."""
+        """Check every record against the model, then prepare the editor on the unedited weights
+        (before Lightning restores a checkpoint)."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and stage == "fit":
             self.editor.check_requests(list(datamodule.edit_requests) + list(datamodule.holdout_requests))
-        if stage == "fit":
-            self.editor.prepare()
+        self.editor.prepare()  # validate/test too: a method may evaluate weights derived from the pretrained ones
 
     def configure_optimizers(self):
         return None
@@ -176,13 +176,15 @@ class SequentialEditor(L.LightningModule):
 
     # ------------------------------------------------------------- evaluation
     def validation_step(self, batch: list[EditRequest], batch_idx: int):
-        self.final_eval.update(self.editor.model, self.editor.tokenizer, batch)
+        with self.editor.evaluation_weights():
+            self.final_eval.update(self.editor.model, self.editor.tokenizer, batch)
 
     def on_validation_epoch_end(self) -> None:
         self._log_final("final/")
 
     def test_step(self, batch: list[EditRequest], batch_idx: int):
-        self.final_eval.update(self.editor.model, self.editor.tokenizer, batch)
+        with self.editor.evaluation_weights():
+            self.final_eval.update(self.editor.model, self.editor.tokenizer, batch)
 
     def on_test_epoch_end(self) -> None:
         self._log_final("holdout_final/")

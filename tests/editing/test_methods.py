@@ -132,3 +132,63 @@ def test_ft_delta_respects_its_norm_bound(tiny_model_dir, method_factory):
     assert deltas[None].abs().max() > 2 * bound  # unconstrained, the same steps move entries further
     assert deltas[bound].abs().max() <= bound * (1 + 1e-6)
     assert int((deltas[bound].abs() > 0.5 * bound).sum()) > 0  # and the bound is reached, not idle
+
+
+def test_restrain_singular_values_log_compresses_only_those_above_the_bound():
+    from sphere_pl.editing.methods import restrain_singular_values
+
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(12, 8, generator=g, dtype=torch.float64))
+    sigma = torch.tensor([9.0, 5.0, 3.0, 2.5, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64)
+    delta = (u * sigma) @ v.T
+    bound = 2.0
+    restrained = torch.linalg.svdvals(restrain_singular_values(delta, bound))
+    expected = torch.where(sigma > bound, torch.log(sigma) - torch.log(torch.tensor(bound)) + bound, sigma)
+    assert torch.allclose(restrained, expected.sort(descending=True).values, rtol=1e-10)
+    assert (restrained[sigma > bound] < sigma[sigma > bound]).all()  # compressed, and still above the bound
+    assert torch.allclose(restrain_singular_values(delta, 100.0), delta, atol=1e-12)  # nothing above: unchanged
+
+
+def test_prune_restrained_cumulative_delta_has_no_singular_value_above_its_bound(tiny_model_dir, method_factory):
+    from sphere_pl import Editor, load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    editor = Editor(model, tokenizer, method_factory("prune"), filters=[], model_id=tiny_model_dir)
+    pretrained = {n: model.get_submodule(n).weight.detach().clone() for n in editor.edited_modules}
+    editor.apply(REQUESTS[:2])
+    editor.apply(REQUESTS[2:])
+    method = editor.method
+    live = {n: model.get_submodule(n).weight.detach().clone() for n in editor.edited_modules}
+    # a bound below the raw cumulative change's largest singular value, so that compression acts
+    method.sigma_max = [0.5 * float(torch.linalg.svdvals((live[n] - pretrained[n]).double())[0]) for n in editor.edited_modules]
+    with editor.evaluation_weights():
+        evaluated = {n: model.get_submodule(n).weight.detach().clone() for n in editor.edited_modules}
+    for i, name in enumerate(editor.edited_modules):
+        assert torch.equal(model.get_submodule(name).weight, live[name])  # the live model keeps the raw deltas
+        raw = torch.linalg.svdvals((live[name] - pretrained[name]).double())
+        bound = method.sigma_max[i]
+        restrained = torch.linalg.svdvals((evaluated[name] - pretrained[name]).double())
+        cap = torch.where(raw > bound, torch.log(raw) - torch.log(torch.tensor(bound)) + bound, raw)
+        assert (raw > bound).any()
+        assert (restrained <= cap * (1 + 1e-5) + 1e-7).all()  # no singular value above its bound
+        assert torch.allclose(restrained[: int((raw > bound).sum())], cap[: int((raw > bound).sum())], rtol=1e-4)
+
+
+def test_prune_live_mode_puts_the_restrained_weights_in_the_model(tiny_model_dir, method_factory):
+    from sphere_pl import Editor, load_model_and_tokenizer
+    from sphere_pl.editing.methods import restrain_singular_values
+
+    deltas = {}
+    for mode in ("evaluation", "live"):
+        model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+        editor = Editor(model, tokenizer, method_factory("prune", restrain=mode), filters=[], model_id=tiny_model_dir)
+        pretrained = {n: model.get_submodule(n).weight.detach().clone() for n in editor.edited_modules}
+        editor.prepare()
+        editor.method.sigma_max = [1e-4] * len(editor.edited_modules)  # low enough that the restraint acts
+        editor.apply(REQUESTS[:2])
+        deltas[mode] = {n: model.get_submodule(n).weight.detach() - pretrained[n] for n in editor.edited_modules}
+    for name in deltas["live"]:
+        expected = restrain_singular_values(deltas["evaluation"][name], 1e-4)
+        assert float((expected - deltas["evaluation"][name]).abs().max()) > 0.1 * float(deltas["evaluation"][name].abs().max())
+        assert float((deltas["live"][name] - expected).abs().max()) <= 1e-6 * float(expected.abs().max())

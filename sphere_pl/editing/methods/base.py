@@ -12,6 +12,7 @@ batch leaves the method exactly as it was, and `revert` undoes committed batches
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
@@ -54,6 +55,8 @@ class EditMethod(nn.Module):
       (bit for bit). Stateless methods need neither.
     * ``delta_filters()``: the method's own post-processing of each delta; the writer runs
       these before the configured filters (e.g. SPHERE's projection).
+    * ``evaluation_weights(lm, writer)``: a context manager that puts other weights in place
+      while the model is evaluated (PRUNE); the default evaluates the live weights.
     * ``settings()``: its hyper-parameters as a JSON-friendly dict, extending the base's.
 
     State that a resume needs lives in buffers or ``get_extra_state``: it is checkpointed
@@ -104,6 +107,12 @@ class EditMethod(nn.Module):
 
     def delta_filters(self) -> list[DeltaFilter]:
         return []
+
+    @contextmanager
+    def evaluation_weights(self, lm: LoadedModel, writer: WeightWriter):
+        """Weights to evaluate with, in place for the duration (default: the live ones).
+        PRUNE evaluates a restrained version of its cumulative delta."""
+        yield
 
     def settings(self) -> dict:
         """The method's name and hyper-parameters, JSON-friendly (recorded in patches and checkpoints)."""
