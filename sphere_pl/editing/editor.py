@@ -43,7 +43,8 @@ class Editor:
     tokenizer: its tokenizer (set to right padding, given a pad token if it has none).
     method: an `EditMethod` or a registered name ("alphaedit").
     filters: delta filters run on every delta after the method's own post-processing, in
-        order; None: the SPHERE projection with the paper's defaults; [] for none.
+        order; None: the SPHERE projection with the paper's η = 0.5 and α for the method
+        (0.5 on AlphaEdit, 0.8 on the others); [] for none.
     model_id: how the model is named in patches and checkpoints (default: its name_or_path).
     module_templates: module-name overrides for families sphere_pl does not know.
     history_size: how many of the latest batch patches are kept for `rollback` and checkpoints.
@@ -67,7 +68,8 @@ class Editor:
         model_id = model_id or getattr(model.config, "name_or_path", None) or type(model).__name__
         self.lm = LoadedModel(model, prepare_tokenizer(tokenizer), resolve_templates(model, module_templates), model_id)
         self.method = create_method(method)
-        self.filters = [SphereProjection()] if filters is None else list(filters)
+        # no filters given: the SPHERE projection with the paper's η = 0.5 and the method's α
+        self.filters = [SphereProjection(0.5, self.method.sphere_strength)] if filters is None else list(filters)
         self.writer = WeightWriter(self.lm, [*self.method.delta_filters(), *self.filters])
         self.edited_modules = self.method.edited_modules(self.lm.templates)
         self.base_fingerprint = base_fingerprint(model, self.edited_modules)

@@ -43,7 +43,8 @@ class SequentialEditor(L.LightningModule):
     module_templates: override module names ({} = layer index): down_proj, layer, layers, final_norm, lm_head.
     method: a registered method name ("alphaedit") or an EditMethod (class_path + init_args).
     filters: delta filters applied to every delta after the method's own post-processing, in
-        order (None: the SPHERE projection with the paper's η=0.5, α=0.5; [] for none).
+        order (None: the SPHERE projection with the paper's η = 0.5 and the method's α: 0.5 on
+        AlphaEdit, 0.8 on the others; [] for none).
     history_size: batch patches kept in checkpoints, so `sphere-pl rollback` can undo that many.
     eval_every: evaluate edited and held-out facts every this many edit batches (0: never during fit).
     eval_sample_size: evaluate at most this many of the facts edited so far, a fixed random

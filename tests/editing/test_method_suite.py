@@ -246,3 +246,10 @@ def test_sphere_variant_differs_from_the_plain_one_only_by_the_projection(tiny_m
         expected = proposed.double() - alpha * (proposed.double() @ u) @ u.T
         assert float((written.double() - expected).abs().max()) <= 1e-5 * float(expected.abs().max()), module_name
         assert float((written.double() - proposed.double()).abs().max()) > 1e-3 * float(proposed.abs().max())  # it acted
+
+
+def test_default_filter_is_sphere_with_the_papers_strength_for_the_method(tiny_model_dir, method_factory, name):
+    editor = make_editor(tiny_model_dir, method_factory, name)  # no filters given
+    [projection] = editor.filters
+    assert isinstance(projection, SphereProjection) and projection.cumulative_ratio == 0.5
+    assert projection.strength == (0.5 if name == "alphaedit" else 0.8)

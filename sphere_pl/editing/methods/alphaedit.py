@@ -51,6 +51,8 @@ class AlphaEdit(LocateThenEdit):
     context_seed: seed for sampling context templates.
     """
 
+    sphere_strength = 0.5  # the paper's α for AlphaEdit
+
     def __init__(
         self,
         layers: list[int] = [4, 5, 6, 7, 8],

@@ -64,6 +64,9 @@ class EditMethod(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    #: the paper's SPHERE suppression strength α for this method (0.8; AlphaEdit 0.5), used
+    #: when an editor is given no filters of its own
+    sphere_strength: ClassVar[float] = 0.8
 
     def __init__(self, layers: list[int]):
         super().__init__()
