@@ -40,23 +40,32 @@ def read_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def _load_model(load: dict, model: str | None, dtype: str | None):
-    """The base model named by `model` (or the checkpoint's load settings)."""
+def _load_settings(load: dict, model: str | None, dtype: str | None) -> dict:
+    """How to load the base model: the checkpoint's or patch's settings, with --model / --dtype applied."""
     settings = dict(load)
     if model is not None:
         settings.update(model_name_or_path=None if model == EMBEDDED_MODEL else model, gguf_file=None)
     if dtype is not None:
         settings["dtype"] = dtype
+    return settings
+
+
+def _load_model(settings: dict):
     return load_model_and_tokenizer(
         settings.get("model_name_or_path"), settings.get("dtype", "float32"), settings.get("gguf_file"), settings.get("trust_remote_code", False)
     )
+
+
+def _is_gguf(settings: dict) -> bool:
+    """The embedded model and any gguf_file are dequantised GGUF weights, which save_pretrained refuses."""
+    return settings.get("model_name_or_path") in (None, "", EMBEDDED_MODEL) or bool(settings.get("gguf_file"))
 
 
 def export(args) -> None:
     state = read_checkpoint(args.ckpt_path)["sphere_pl"]
     if not state["batches_done"]:
         raise CommandError(f"{args.ckpt_path} holds no applied batch: there is nothing to export")
-    model, _ = _load_model(state.get("load", {}), args.model, args.dtype)
+    model, _ = _load_model(_load_settings(state.get("load", {}), args.model, args.dtype))
     names = list(state["edited_modules"])
     actual = base_fingerprint(model, names)
     if actual != state["base_fingerprint"]:
@@ -89,21 +98,18 @@ def apply(args) -> None:
         patch = Patch.load(args.patch)
     except PatchError as e:
         raise CommandError(str(e)) from None
-    model, tokenizer = _load_model(patch.metadata.get("load", {}), args.model, args.dtype)
+    settings = _load_settings(patch.metadata.get("load", {}), args.model, args.dtype)
+    model, tokenizer = _load_model(settings)
     try:
         patch.apply_to(model)
     except PatchError as e:
         raise CommandError(f"{args.patch} does not fit {args.model or patch.metadata.get('model_id')}: {e}") from None
     out = Path(args.out)
-    if getattr(model.config, "gguf_file", None) or _loaded_from_gguf(model):
+    if _is_gguf(settings):
         model = _plain_copy(model)  # transformers refuses to save a GGUF-loaded model as it is
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"wrote {out}: {patch.num_edits} edits in {patch.modules}")
-
-
-def _loaded_from_gguf(model) -> bool:
-    return bool(getattr(model, "gguf_file", None)) or "gguf" in str(getattr(model.config, "_name_or_path", "")).lower()
 
 
 def _plain_copy(model):

@@ -6,6 +6,7 @@ import importlib.util
 
 import lightning as L
 import pytest
+import torch
 
 from sphere_pl import AlphaEdit, EditDataModule, HypersphericalEnergyMonitor, SequentialEditor, SphereProjection
 from sphere_pl.evaluation.counterfact import CounterFactEvaluator
@@ -59,3 +60,26 @@ def test_eight_real_edits_take_and_unrelated_facts_survive(tmp_path):
     assert after_holdout["specificity_score"] >= before_holdout["specificity_score"] - 0.10
     # the end-of-fit validation logged the same efficacy on all edited facts
     assert trainer.logged_metrics["final/efficacy_score"].item() == pytest.approx(float(after_edited["efficacy_score"]))
+
+
+@pytest.mark.slow
+def test_apply_writes_a_standard_checkpoint_for_the_embedded_gguf_model(tmp_path):
+    """save_pretrained refuses GGUF-loaded models; `sphere-pl apply` must still write a loadable checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import cli_env, run_cli
+    from sphere_pl import Patch, load_model_and_tokenizer
+    from sphere_pl.editing.patch import base_fingerprint
+
+    model, _ = load_model_and_tokenizer(None)
+    name = "model.layers.4.mlp.down_proj"
+    before = {name: model.get_submodule(name).weight.detach().clone()}
+    with torch.no_grad():
+        model.get_submodule(name).weight.add_(torch.randn(before[name].shape, generator=torch.Generator().manual_seed(0)) * 1e-3)
+    patch = Patch.between(before, model, model_id="embedded:smollm2-135m-instruct", base_fingerprint=base_fingerprint(model, [name]),
+                          first_batch=0, last_batch=0, case_ids=["synthetic"], num_edits=1)
+    patch.save(tmp_path / "p.safetensors")
+    run_cli(["apply", "--patch", str(tmp_path / "p.safetensors"), "--model", "embedded:smollm2-135m-instruct", "--out", str(tmp_path / "out")], tmp_path, cli_env(tmp_path))
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert torch.equal(saved.get_submodule(name).weight, model.get_submodule(name).weight)
+    assert torch.equal(saved.get_submodule("model.layers.5.mlp.down_proj").weight, model.get_submodule("model.layers.5.mlp.down_proj").weight)
