@@ -149,12 +149,14 @@ def write_plot(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (he_ax, eff_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    colors = {name: f"C{i}" for i, name in enumerate(METHOD_NAMES)}
     for variant, rows in results.items():
         edits = [r["edits"] for r in rows]
-        style = "-" if "+sphere" in variant else "--"
-        he_ax.plot(edits, [r["he_relative_mean"] for r in rows], style, marker=".", label=variant)
-        eff_ax.plot(edits, [r.get("edited/efficacy_score", float("nan")) for r in rows], style, marker=".", label=variant)
-    he_ax.set(xlabel="edits", ylabel="mean relative HE change of the edited layers", title="hyperspherical energy")
+        kind = dict(color=colors[variant.split("+")[0]], linestyle="-" if "+sphere" in variant else "--", marker=".", label=variant)
+        he_ax.plot(edits, [r["he_relative_mean"] for r in rows], **kind)
+        eff_ax.plot(edits, [r.get("edited/efficacy_score", float("nan")) for r in rows], **kind)
+    he_ax.set(xlabel="edits", ylabel="mean relative HE change of the edited layers", title="hyperspherical energy (solid: + SPHERE)")
+    he_ax.set_yscale("symlog", linthresh=1e-7)
     eff_ax.set(xlabel="edits", ylabel="efficacy on all facts edited so far", title="efficacy", ylim=(-0.02, 1.02))
     eff_ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -173,7 +175,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stats-samples", type=int, default=200)
     parser.add_argument("--steps", type=int, default=25, help="value-optimisation (and FT) steps")
     parser.add_argument("--out", default=str(ROOT / "runs" / "compare_methods"))
+    parser.add_argument("--report", action="store_true", help="only write the table and plot from the rows saved so far")
     args = parser.parse_args(argv)
+    if args.report:
+        out = Path(args.out)
+        results = {}
+        for name in args.methods:
+            for variant in (name, f"{name}+sphere"):
+                progress = out / variant / "progress.jsonl"
+                if progress.exists() and progress.read_text().strip():
+                    results[variant] = [json.loads(line) for line in progress.read_text().splitlines()]
+        print(write_table(results, out / "table.md"))
+        write_plot(results, out / "curves.png")
+        return
 
     start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(args.model)

@@ -6,12 +6,18 @@ wraps it for configured, logged, checkpointed runs (`python -m sphere_pl fit --c
 
 from .data import EditBatch, EditDataError, EditRequest, load_edit_requests
 from .editing import METHODS, AlphaEdit, EditFailedError, EditMethod, Editor, LocateThenEdit, Patch, PatchError, create_method, register_method
+from .editing.methods import MEMIT, PRUNE, RECT, ROME, FineTune
 from .models import load_model_and_tokenizer
 from .sphere import SphereProjection, hyperspherical_energy
 from .lightning import EditCheckpoint, EditDataModule, HypersphericalEnergyMonitor, RunSummary, SequentialEditor
 
 __all__ = [
+    "MEMIT",
     "METHODS",
+    "PRUNE",
+    "RECT",
+    "ROME",
+    "FineTune",
     "AlphaEdit",
     "EditBatch",
     "EditCheckpoint",

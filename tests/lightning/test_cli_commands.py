@@ -267,3 +267,22 @@ def test_settings_that_would_edit_nothing_and_overlong_prompts_are_refused(tiny_
         case_id = json.loads(QUICKSTART_PATH.read_text())[5]["case_id"]
         assert f"case_id={case_id!r}" in result.stderr and "at most 256" in result.stderr
     assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    "class_path, init_args, shown",
+    [
+        ("sphere_pl.MEMIT", {"mom2_update_weight": 100.0}, "mom2_update_weight: 100.0"),
+        ("sphere_pl.RECT", {"keep_ratio": 0.3, "layers": [1, 2]}, "keep_ratio: 0.3"),
+        ("sphere_pl.PRUNE", {"restrain": "live"}, "restrain: live"),
+        ("sphere_pl.ROME", {"layer": 3}, "layer: 3"),
+        ("sphere_pl.FineTune", {"norm_constraint": 0.001}, "norm_constraint: 0.001"),
+    ],
+)
+def test_every_method_is_configurable_by_class_path(tmp_path, class_path, init_args, shown):
+    config = write_config(tmp_path / "m.yaml", {"model": {"method": {"class_path": class_path, "init_args": init_args}}})
+    result = run_cli(["fit", "--config", config, "--print_config"], tmp_path, cli_env(tmp_path))
+    method = yaml.safe_load(result.stdout)["model"]["method"]
+    assert method["class_path"] == class_path
+    assert shown in yaml.safe_dump(method["init_args"])
+    assert "layers" in method["init_args"] or "layer" in method["init_args"]

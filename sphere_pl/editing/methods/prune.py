@@ -29,10 +29,7 @@ import torch
 
 from ...data.records import EditRequest
 from ...models import linear_weight, set_linear_weight
-from ..keys import GENERATION_PREFIXES
 from ..lm import LoadedModel
-from ..stats import KeyStatistics
-from ..values import ValueOptimization
 from ..writer import WeightWriter
 from .base import BatchEdit, register_method
 from .memit import MEMIT
@@ -65,19 +62,8 @@ class PRUNE(MEMIT):
         "live" (the live model carries the restrained weights).
     """
 
-    def __init__(
-        self,
-        layers: list[int] = [4, 5, 6, 7, 8],
-        values: ValueOptimization = ValueOptimization(),
-        stats: KeyStatistics = KeyStatistics(),
-        mom2_update_weight: float = 15000.0,
-        restrain: str = "evaluation",
-        context_templates: list[str] | None = None,
-        context_prefixes: list[str] = list(GENERATION_PREFIXES),
-        context_length: int = 10,
-        context_seed: int = 0,
-    ):
-        super().__init__(layers, values, stats, mom2_update_weight, context_templates, context_prefixes, context_length, context_seed)
+    def __init__(self, restrain: str = "evaluation", **memit_args):
+        super().__init__(**memit_args)
         if restrain not in RESTRAIN:
             raise ValueError(f"restrain must be one of {RESTRAIN}, got {restrain!r}")
         self.restrain = restrain

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from ..keys import GENERATION_PREFIXES
-from ..stats import KeyStatistics
-from ..values import ValueOptimization
 from ..writer import DeltaFilter
 from .base import register_method
 from .memit import MEMIT
@@ -48,19 +45,8 @@ class RECT(MEMIT):
     keep_ratio: share of each delta's entries kept, by relative change (0.4).
     """
 
-    def __init__(
-        self,
-        layers: list[int] = [4, 5, 6, 7, 8],
-        values: ValueOptimization = ValueOptimization(),
-        stats: KeyStatistics = KeyStatistics(),
-        mom2_update_weight: float = 15000.0,
-        keep_ratio: float = 0.4,
-        context_templates: list[str] | None = None,
-        context_prefixes: list[str] = list(GENERATION_PREFIXES),
-        context_length: int = 10,
-        context_seed: int = 0,
-    ):
-        super().__init__(layers, values, stats, mom2_update_weight, context_templates, context_prefixes, context_length, context_seed)
+    def __init__(self, keep_ratio: float = 0.4, **memit_args):
+        super().__init__(**memit_args)
         self.sparsifier = RelativeChangeSparsifier(keep_ratio)
 
     def delta_filters(self) -> list[DeltaFilter]:
