@@ -33,6 +33,7 @@ import torch
 from sphere_pl import Editor, SphereProjection, create_method, load_edit_requests, load_model_and_tokenizer
 from sphere_pl.editing.stats import KeyStatistics
 from sphere_pl.editing.values import ValueOptimization
+from sphere_pl.evaluation import CounterFactEvaluator
 from sphere_pl.sphere import hyperspherical_energy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,10 +64,11 @@ def _plain(value):
     return value
 
 
-def evaluate(editor: Editor, edited, holdout) -> dict[str, float]:
-    row = {f"edited/{k}": v for k, v in editor.evaluate(edited).items() if k.endswith("_score")}
+def evaluate(scores, edited, holdout) -> dict[str, float]:
+    """`scores(requests) -> {metric: value}` on the edited facts, and specificity on the held-out ones."""
+    row = {f"edited/{k}": v for k, v in scores(edited).items() if k.endswith("_score")}
     if holdout:
-        row["holdout/specificity_score"] = editor.evaluate(holdout)["specificity_score"]
+        row["holdout/specificity_score"] = scores(holdout)["specificity_score"]
     return row
 
 
@@ -110,7 +112,7 @@ def run_variant(args, name: str, sphere: bool, model, tokenizer, pretrained, rec
         row = {
             "variant": variant,
             "edits": editor.edits_applied,
-            **evaluate(editor, records[: editor.edits_applied], holdout),
+            **evaluate(editor.evaluate, records[: editor.edits_applied], holdout),
             **he_of_evaluated(editor, initial),
             "edit_seconds": elapsed,
             "seconds_per_edit": elapsed / editor.edits_applied,
@@ -125,6 +127,20 @@ def run_variant(args, name: str, sphere: bool, model, tokenizer, pretrained, rec
         os.replace(tmp, state_path)
     done_path.write_text("done\n")
     return rows
+
+
+def pretrained_row(args, model, tokenizer, edited, holdout) -> dict:
+    """The unedited model on the same facts (cached in <out>/pretrained.json): the reference every row moves from."""
+    path = Path(args.out) / "pretrained.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    def scores(requests):
+        return {k: float(v) for k, v in CounterFactEvaluator().evaluate(model, tokenizer, requests).items()}
+
+    row = {"variant": "pretrained (no edit)", "edits": 0, **evaluate(scores, edited, holdout), "he_relative_mean": 0.0, "seconds_per_edit": float("nan")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row))
+    return row
 
 
 def write_table(results: dict[str, list[dict]], path: Path) -> str:
@@ -151,6 +167,8 @@ def write_plot(results: dict[str, list[dict]], path: Path) -> None:
     fig, (he_ax, eff_ax) = plt.subplots(1, 2, figsize=(13, 5))
     colors = {name: f"C{i}" for i, name in enumerate(METHOD_NAMES)}
     for variant, rows in results.items():
+        if variant not in {f"{m}{s}" for m in METHOD_NAMES for s in ("", "+sphere")}:
+            continue  # the pretrained reference row is in the table only
         edits = [r["edits"] for r in rows]
         kind = dict(color=colors[variant.split("+")[0]], linestyle="-" if "+sphere" in variant else "--", marker=".", label=variant)
         he_ax.plot(edits, [r["he_relative_mean"] for r in rows], **kind)
@@ -179,7 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.report:
         out = Path(args.out)
-        results = {}
+        model, tokenizer = load_model_and_tokenizer(args.model)
+        args.model_id = args.model or "embedded:smollm2-135m-instruct"
+        records = load_edit_requests(args.data)
+        results = {"pretrained (no edit)": [pretrained_row(args, model, tokenizer, records[: args.edits], records[args.edits : args.edits + args.holdout])]}
         for name in args.methods:
             for variant in (name, f"{name}+sphere"):
                 progress = out / variant / "progress.jsonl"
@@ -198,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.data} has {len(records)} records: fewer than --edits {args.edits} + --holdout {args.holdout}")
     edited, holdout = records[: args.edits], records[args.edits : args.edits + args.holdout]
     print(f"{len(edited)} edits in batches of {args.batch}, {len(holdout)} held-out records, from {args.data}")
-    results = {}
+    results = {"pretrained (no edit)": [pretrained_row(args, model, tokenizer, edited, holdout)]}
     for name in args.methods:
         for sphere in (False, True):
             variant = f"{name}+sphere" if sphere else name

@@ -40,7 +40,9 @@ def test_comparison_resumes_after_sigkill_with_identical_results(tiny_model_dir,
     result = subprocess.run(command(tiny_model_dir, reference), env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (reference / "table.md").read_text()
-    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["memit", "memit+sphere", "prune", "prune+sphere"]
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == [
+        "pretrained (no edit)", "memit", "memit+sphere", "prune", "prune+sphere"
+    ]
     assert (reference / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(len(rows) == 3 and rows[-1]["edits"] == 6 for rows in metrics(reference).values())
 
