@@ -10,7 +10,7 @@ efficacy / generalization / specificity on all facts edited so far, specificity 
 neighborhood prompts of `--holdout` never-edited records, the hyperspherical energy of the
 edited layers and the seconds spent editing. It writes
 
-    <out>/<variant>/progress.jsonl   one row per batch
+    <out>/<variant>/progress.jsonl   one row per batch (kept in the repository, with a `done` mark)
     <out>/table.md                   the comparison table (final row of every variant)
     <out>/curves.png                 mean relative HE change and efficacy against edits
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", default=str(SHARED / "wikitext-2" / "valid.txt"))
     parser.add_argument("--stats-samples", type=int, default=200)
     parser.add_argument("--steps", type=int, default=25, help="value-optimisation (and FT) steps")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "compare_methods"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare_methods"), help="finished variants' rows are kept in the repository; state.pt is ignored by git")
     parser.add_argument("--report", action="store_true", help="only write the table and plot from the rows saved so far")
     args = parser.parse_args(argv)
     if args.report:
