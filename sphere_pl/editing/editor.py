@@ -14,7 +14,6 @@ when anything fails, the edited weights are restored and the method's state is u
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Sequence
 
@@ -23,14 +22,11 @@ from torch import nn
 
 from ..data.records import EditDataError, EditRequest
 from ..evaluation.counterfact import CounterFactEvaluator
-from ..models import linear_weight, prepare_tokenizer, resolve_templates, set_linear_weight
+from ..models import linear_weight, prepare_tokenizer, resolve_templates, set_linear_weight, tensors_digest
 from .lm import LoadedModel
 from .methods.base import EditMethod, create_method
-from ..models import tensors_digest
 from .patch import ModuleChange, Patch, PatchError, base_fingerprint, edited_digest
 from .writer import DeltaFilter, WeightWriter
-
-log = logging.getLogger(__name__)
 
 
 class EditFailedError(RuntimeError):
@@ -123,7 +119,7 @@ class Editor:
             # the method and the filters read the *pretrained* weights, even when resuming
             restored = None
             if self._pending_method_state is not None:
-                restored = {name: linear_weight(self.model.get_submodule(name)).detach().clone() for name in self.edited_modules}
+                restored = self._copy_edited_weights()
                 self._set_weights(self._pending_method_state["base_weights"])
             self.method.setup(self.lm)
             for f in self.filters:
@@ -163,7 +159,7 @@ class Editor:
             raise ValueError("apply() needs at least one edit request")
         self.check_requests(requests)
         self.prepare()
-        before = {name: linear_weight(self.model.get_submodule(name)).detach().clone() for name in self.edited_modules}
+        before = self._copy_edited_weights()
         case_ids = [r.case_id for r in requests]
         try:
             result = self.method.edit(self.lm, requests, self.writer)
@@ -224,13 +220,6 @@ class Editor:
         for _ in range(num_batches):
             self.revert(self.recent_patches[-1])
 
-    def cumulative_patch(self, base_weights: dict[str, torch.Tensor]) -> Patch:
-        """One patch from `base_weights` (the pretrained edited modules) to the current weights."""
-        if self.batches_done == 0:
-            raise ValueError("no batch has been applied: there is nothing to export")
-        ids = [c for batch in self.case_ids for c in batch]
-        return Patch.between(base_weights, self.model, **self._metadata(first_batch=0, last_batch=self.batches_done - 1, case_ids=ids))
-
     def _metadata(self, **fields) -> dict:
         return {
             "model_id": self.lm.model_id,
@@ -240,6 +229,9 @@ class Editor:
             **fields,
             "num_edits": len(fields.get("case_ids", [])),
         }
+
+    def _copy_edited_weights(self) -> dict[str, torch.Tensor]:
+        return {name: linear_weight(self.model.get_submodule(name)).detach().clone() for name in self.edited_modules}
 
     def _set_weights(self, weights: dict[str, torch.Tensor]) -> None:
         for name, weight in weights.items():
@@ -296,7 +288,7 @@ class Editor:
         self.check_state(state)
         if self.batches_done:
             raise RuntimeError("load_state_dict() needs a fresh editor (no batch applied)")
-        base = {n: linear_weight(self.model.get_submodule(n)).detach().clone() for n in self.edited_modules}
+        base = self._copy_edited_weights()
         self._set_weights(state["weights"])
         self.batches_done = int(state["batches_done"])
         self.edits_applied = int(state["edits_applied"])

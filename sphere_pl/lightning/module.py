@@ -10,7 +10,6 @@ and a checkpoint made for another model or other weights is refused.
 
 from __future__ import annotations
 
-import logging
 import random
 import warnings
 
@@ -24,7 +23,6 @@ from ..editing.writer import DeltaFilter
 from ..evaluation.counterfact import CounterFactEvaluator
 from ..models import EMBEDDED_MODEL, load_model_and_tokenizer
 
-log = logging.getLogger(__name__)
 
 # Lightning's advice for gradient training does not apply to an editing run: the model is
 # deliberately in eval mode, there is no optimizer and training_step returns nothing.
