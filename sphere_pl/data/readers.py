@@ -1,13 +1,15 @@
 """Readers turning CounterFact-style JSON files into validated `EditRequest`s.
 
 Records are read through Hugging Face `datasets` (`load_dataset("json", ...)`), so a URL is
-downloaded once into `cache_dir` and reused afterwards. Two schemas are understood:
+downloaded once into `cache_dir` and reused afterwards. Three schemas are understood:
 
 * ``counterfact``: ROME/MEMIT CounterFact and multi-CounterFact,
   ``{case_id, requested_rewrite{prompt, subject, target_new{str}, target_true{str}},
   paraphrase_prompts[], neighborhood_prompts[], ...}``.
 * ``mend_counterfact``: the flat MEND/EasyEdit split, ``{case_id, prompt, subject,
   target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth}``.
+* ``zsre``: MEND-format ZsRE question answering, ``{subject, src, rephrase, alt, answers[],
+  loc, loc_ans}`` (no case_id: the record's position is used).
 
 Every record is checked before anything is returned; a bad record raises `EditDataError`
 naming its case_id (or ``#index`` when it has none) and the offending field.
@@ -27,13 +29,14 @@ from .records import EditDataError, EditRequest
 DSETS_BASE_URL = "https://memit.baulab.info/data/dsets/"
 COUNTERFACT_URL = DSETS_BASE_URL + "counterfact.json"
 MULTI_COUNTERFACT_URL = DSETS_BASE_URL + "multi_counterfact.json"
+ZSRE_URL = DSETS_BASE_URL + "zsre_mend_eval.json"
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "sphere_pl", "data")
 
 QUICKSTART = "quickstart"
 QUICKSTART_PATH = Path(__file__).with_name("quickstart_edits.json")
 # Named sources: the project's offline set and the canonical remote CounterFact files.
-NAMED_SOURCES = {QUICKSTART: str(QUICKSTART_PATH), "counterfact": COUNTERFACT_URL, "multi_counterfact": MULTI_COUNTERFACT_URL}
+NAMED_SOURCES = {QUICKSTART: str(QUICKSTART_PATH), "counterfact": COUNTERFACT_URL, "multi_counterfact": MULTI_COUNTERFACT_URL, "zsre": ZSRE_URL}
 
 class EditSourceError(ValueError):
     """An edit data file or URL that cannot be read as records (the message names it)."""
@@ -149,6 +152,10 @@ def read_counterfact_record(raw: dict, index: int, source: str | None = None) ->
     neighborhood = _prompt_list(
         _get(raw, "neighborhood_prompts", cid, "neighborhood_prompts", source), cid, "neighborhood_prompts", source
     )
+    generation = raw.get("generation_prompts")
+    generation = () if generation is None else _prompt_list(generation, cid, "generation_prompts", source)
+    relation_id = rw.get("relation_id")
+    new_id = rw["target_new"].get("id") if isinstance(rw["target_new"], dict) else None
     return _build(
         cid,
         source,
@@ -159,6 +166,9 @@ def read_counterfact_record(raw: dict, index: int, source: str | None = None) ->
         paraphrase_prompts=paraphrases,
         neighborhood_prompts=neighborhood,
         neighborhood_true=targets["target_true"],
+        generation_prompts=generation,
+        relation_id=None if relation_id is None else str(relation_id),
+        target_new_id=None if new_id is None else str(new_id),
     )
 
 
@@ -196,9 +206,49 @@ def read_mend_counterfact_record(raw: dict, index: int, source: str | None = Non
     )
 
 
+def read_zsre_record(raw: dict, index: int, source: str | None = None) -> EditRequest:
+    """One MEND-format ZsRE record ``{subject, src, rephrase, alt, answers[], loc, loc_ans}``.
+
+    Such files have no case_id: it is the record's position (as ROME/MEMIT's loader does),
+    unless the record has one. The question ``src`` with its subject replaced by ``{}`` is the
+    prompt, ``alt`` the new target and ``answers[0]`` the original one (kept for reference;
+    ZsRE scores token accuracy, not a comparison). ``rephrase`` is the paraphrase, and the
+    unrelated question ``loc`` + "?" with answer ``loc_ans`` the neighborhood check.
+    """
+    cid = raw.get("case_id")
+    cid = index if cid is None else _case_id(raw, index, source)
+
+    def field(name: str) -> str:
+        return _string(_get(raw, name, cid, name, source), cid, name, source)
+
+    src, subject, alt = field("src"), field("subject"), field("alt")
+    rephrase, loc, loc_ans = field("rephrase"), field("loc"), field("loc_ans")
+    answers = _get(raw, "answers", cid, "answers", source)
+    if not isinstance(answers, (list, tuple)) or not answers:
+        raise EditDataError(cid, "answers", f"expected a non-empty list of answers, got {answers!r}", source)
+    answer = _string(answers[0], cid, "answers[0]", source)
+    if "{" in src or "}" in src:
+        raise EditDataError(cid, "src", f"contains braces, cannot build a template: {src!r}", source)
+    if subject not in src:
+        raise EditDataError(cid, "subject", f"{subject!r} does not occur in src {src!r}", source)
+    return _build(
+        cid,
+        source,
+        prompt=src.replace(subject, "{}", 1),
+        subject=subject,
+        target_new=alt,
+        target_true=answer,
+        paraphrase_prompts=(rephrase,),
+        neighborhood_prompts=(loc + "?",),
+        neighborhood_true=loc_ans,
+        benchmark="zsre",
+    )
+
+
 READERS: dict[str, Callable[..., EditRequest]] = {
     "counterfact": read_counterfact_record,
     "mend_counterfact": read_mend_counterfact_record,
+    "zsre": read_zsre_record,
 }
 
 
@@ -209,10 +259,13 @@ def detect_schema(keys, source: str | None = None) -> str:
         return "counterfact"
     if {"prompt", "ground_truth"} <= keys:
         return "mend_counterfact"
+    if {"src", "alt", "loc"} <= keys:
+        return "zsre"
     where = f" in {source}" if source else ""
     raise EditSourceError(
         f"cannot detect the edit data schema{where}: keys found {sorted(keys)}; expected 'requested_rewrite' "
-        f"(counterfact) or 'prompt' + 'ground_truth' (mend_counterfact); pass schema= explicitly"
+        f"(counterfact), 'prompt' + 'ground_truth' (mend_counterfact) or 'src' + 'alt' + 'loc' (zsre); "
+        "pass schema= explicitly"
     )
 
 
@@ -248,6 +301,7 @@ def load_edit_requests(
     schema: str = "auto",
     cache_dir: str | None = None,
     limit: int | None = None,
+    on_bad_record: str = "fatal",
 ) -> list[EditRequest]:
     """Read and validate edit requests from a local JSON/JSONL file or an http(s) URL.
 
@@ -256,6 +310,8 @@ def load_edit_requests(
     cache_dir: where `datasets` keeps downloads and its Arrow cache
     (default ``~/.cache/sphere_pl/data``).
     limit: keep only the first `limit` records; those kept are validated.
+    on_bad_record: "fatal" (default) raises on the first bad record; "skip" leaves bad records
+    out with a warning that names each of them (they are never edited or scored).
 
     Raises FileNotFoundError for a missing local file, EditSourceError for an unreadable or
     malformed source (or an undetectable schema), and EditDataError for a bad record
@@ -265,6 +321,8 @@ def load_edit_requests(
     source = os.fspath(source)
     if schema != "auto" and schema not in READERS:
         raise ValueError(f"unknown edit data schema {schema!r}; choose 'auto' or one of {sorted(READERS)}")
+    if on_bad_record not in ("fatal", "skip"):
+        raise ValueError(f"on_bad_record must be 'fatal' or 'skip', got {on_bad_record!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
 
@@ -279,12 +337,23 @@ def load_edit_requests(
     reader = READERS[schema]
     requests: list[EditRequest] = []
     seen: dict[Any, int] = {}
+    skipped: list[str] = []
     for index, raw in enumerate(ds):
-        request = reader(raw, index, source)
-        if request.case_id in seen:
-            raise EditDataError(
-                request.case_id, "case_id", f"duplicate: record #{index} repeats record #{seen[request.case_id]}", source
-            )
+        try:
+            request = reader(raw, index, source)
+            if request.case_id in seen:
+                raise EditDataError(
+                    request.case_id, "case_id", f"duplicate: record #{index} repeats record #{seen[request.case_id]}", source
+                )
+        except EditDataError as e:
+            if on_bad_record == "fatal":
+                raise
+            skipped.append(str(e))
+            continue
         seen[request.case_id] = index
         requests.append(request)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} bad record(s) of {source}:\n  " + "\n  ".join(skipped), stacklevel=2)
+    if not requests:
+        raise EditSourceError(f"no valid records in edit data {source} ({len(skipped)} skipped)")
     return requests

@@ -17,6 +17,9 @@ class EditDataError(ValueError):
         self.source = source
 
 
+BENCHMARKS = ("counterfact", "zsre")
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """One fact to rewrite: `prompt.format(subject)` should continue with `target_new`.
@@ -35,6 +38,12 @@ class EditRequest:
     paraphrase_prompts: tuple[str, ...] = ()
     neighborhood_prompts: tuple[str, ...] = ()
     neighborhood_true: str = ""
+    # optional, for generation-based evaluation (full-schema CounterFact records carry them)
+    generation_prompts: tuple[str, ...] = ()
+    relation_id: str | None = None
+    target_new_id: str | None = None
+    #: which benchmark's metrics judge this fact: "counterfact" (NLL comparison) or "zsre" (token accuracy)
+    benchmark: str = "counterfact"
 
     def __post_init__(self):
         self.validate()
@@ -54,7 +63,9 @@ class EditRequest:
             raise EditDataError(
                 self.case_id, "prompt", f"must contain the subject placeholder '{{}}' exactly once: {self.prompt!r}"
             )
-        for name in ("paraphrase_prompts", "neighborhood_prompts"):
+        if self.benchmark not in BENCHMARKS:
+            raise EditDataError(self.case_id, "benchmark", f"must be one of {list(BENCHMARKS)}, got {self.benchmark!r}")
+        for name in ("paraphrase_prompts", "neighborhood_prompts", "generation_prompts"):
             for i, p in enumerate(getattr(self, name)):
                 if not isinstance(p, str) or not p.strip():
                     raise EditDataError(self.case_id, f"{name}[{i}]", "is empty or not a string")

@@ -3,7 +3,7 @@
     model, tokenizer = load_model_and_tokenizer("path/or/hub-name")
     editor = Editor(model, tokenizer, method="alphaedit", filters=[SphereProjection()])
     patch = editor.apply(requests)        # one edit batch; returns its Patch
-    editor.evaluate(requests)             # CounterFact scores
+    editor.evaluate(requests)             # CounterFact / ZsRE scores
     patch.save("batch-0.safetensors")
     editor.revert(patch)                  # exactly as before the batch
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..data.records import EditDataError, EditRequest
-from ..evaluation.counterfact import CounterFactEvaluator
+from ..evaluation.facts import FactEvaluator
 from ..models import linear_weight, prepare_tokenizer, resolve_templates, set_linear_weight, tensors_digest
 from .lm import LoadedModel
 from .methods.base import EditMethod, create_method
@@ -243,11 +243,16 @@ class Editor:
         return self.method.evaluation_weights(self.lm, self.writer)
 
     def evaluate(self, requests: Sequence[EditRequest], prefix: str = "") -> dict[str, float]:
-        """CounterFact efficacy / generalization / specificity scores and magnitudes of `requests`."""
-        evaluator = CounterFactEvaluator(prefix, self.scoring_batch_size)
+        """Efficacy / generalization / specificity of `requests`, by each request's benchmark
+        (CounterFact: scores and magnitudes; ZsRE: token accuracies)."""
+        return self.evaluate_cases(requests, prefix)[0]
+
+    def evaluate_cases(self, requests: Sequence[EditRequest], prefix: str = "") -> tuple[dict[str, float], list[dict]]:
+        """`evaluate`, plus one row per scored prompt (NLLs, probabilities, decision)."""
+        evaluator = FactEvaluator(prefix, self.scoring_batch_size)
         with self.evaluation_weights():
-            values = evaluator.evaluate(self.model, self.tokenizer, list(requests))
-        return {k: float(v) for k, v in values.items() if not torch.isnan(v)}
+            values, rows = evaluator.evaluate_cases(self.model, self.tokenizer, list(requests))
+        return {k: float(v) for k, v in values.items() if not torch.isnan(v)}, rows
 
     # ---------------------------------------------------------------- resuming
     def state_dict(self) -> dict:

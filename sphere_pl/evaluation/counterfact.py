@@ -19,6 +19,8 @@ of prompts per group, as in CounterFact).
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
 from ..data.records import EditRequest
+from .base import Evaluator
 from .scoring import compare_targets
 
 #: group -> which target should be more likely after a successful, local edit
@@ -118,21 +121,25 @@ def counterfact_prompts(requests: Sequence[EditRequest]) -> dict[str, tuple[list
     return groups
 
 
-class CounterFactEvaluator:
+class CounterFactEvaluator(Evaluator):
     """Scores edit requests on a model and routes each prompt group to its metrics.
 
-    `update` may be called several times (e.g. once per edit batch) before `compute`;
-    `evaluate` does update + compute + reset in one go. `metrics` is a plain
-    MetricCollection: assign it to a LightningModule attribute if it should follow the
-    module's device; otherwise `update` moves it to the model's device.
+    `update` may be called several times (e.g. once per edit batch) before `compute`, and
+    returns one row per scored prompt (the per-case file); `evaluate` does update + compute +
+    reset in one go. `metrics` is a plain MetricCollection: assign it to a LightningModule
+    attribute if it should follow the module's device; otherwise `update` moves it to the
+    model's device.
     """
+
+    name = "counterfact"
 
     def __init__(self, prefix: str = "", batch_size: int = 32):
         self.metrics = counterfact_metrics(prefix)
         self.batch_size = batch_size
 
-    def update(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> None:
+    def update(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> list[dict]:
         groups = counterfact_prompts(requests)
+        owners = _prompt_owners(requests)
         prompts = [p for g in groups.values() for p in g[0]]
         new = [n for g in groups.values() for n in g[1]]
         true = [t for g in groups.values() for t in g[2]]
@@ -145,17 +152,22 @@ class CounterFactEvaluator:
                 # an empty group updates nothing: it adds no prompts to the count
                 self.metrics[f"{group}_{kind}"].update(nll_new[start:end], nll_true[start:end])
             start = end
+        rows = []
+        for (case_id, group), prompt, new_t, true_t, a, b in zip(owners, prompts, new, true, nll_new.tolist(), nll_true.tolist()):
+            preferred = COUNTERFACT_GROUPS[group]
+            success = a < b if preferred == "new" else b < a
+            rows.append(
+                {"case_id": case_id, "group": group, "prompt": prompt, "target_new": new_t, "target_true": true_t,
+                 "nll_new": a, "nll_true": b, "prob_new": math.exp(-a), "prob_true": math.exp(-b),
+                 "preferred": preferred, "success": success}
+            )  # fmt: skip
+        return rows
 
-    def compute(self) -> dict[str, Tensor]:
-        return self.metrics.compute()
 
-    def reset(self) -> None:
-        self.metrics.reset()
-
-    def evaluate(self, model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> dict[str, Tensor]:
-        """Metrics of `requests` alone (the accumulated state is cleared afterwards)."""
-        self.reset()
-        self.update(model, tokenizer, requests)
-        values = self.compute()
-        self.reset()
-        return values
+def _prompt_owners(requests: Sequence[EditRequest]) -> list[tuple]:
+    """(case_id, group) of every prompt, in the order `counterfact_prompts` lays them out."""
+    owners = []
+    owners += [(r.case_id, "efficacy") for r in requests]
+    owners += [(r.case_id, "generalization") for r in requests for _ in r.paraphrase_prompts]
+    owners += [(r.case_id, "specificity") for r in requests for _ in r.neighborhood_prompts]
+    return owners

@@ -2,6 +2,9 @@
 
 `target_nll` is the quantity every CounterFact metric is built on: the negative
 log-likelihood of `" " + target` continuing `prompt`, averaged over the target's tokens.
+`target_token_accuracy` is ZsRE's: the fraction of the target's tokens that are the model's
+top-1 prediction given the prompt and the target's earlier tokens. Both come out of the same
+batched pass (`score_targets`).
 Prompt and target are tokenised separately and their ids concatenated, so the target's
 token boundaries never depend on the prompt. Only the positions that predict target tokens
 go through the LM head; full-vocabulary log-probabilities are never built for the prompt.
@@ -10,6 +13,7 @@ go through the LM head; full-vocabulary log-probabilities are never built for th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -41,9 +45,27 @@ def _lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-@torch.no_grad()
+class TargetScores(NamedTuple):
+    """Per example, in the order of the prompts: mean NLL per target token, and the fraction of
+    target tokens that are the top-1 prediction (teacher-forced)."""
+
+    nll: torch.Tensor  # (n,)
+    token_accuracy: torch.Tensor  # (n,)
+
+
 def target_nll(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-    """Mean NLL per target token of `" " + targets[i]` after `prompts[i]`, shape (len(prompts),).
+    """Mean NLL per target token of `" " + targets[i]` after `prompts[i]`, shape (len(prompts),)."""
+    return score_targets(model, tokenizer, prompts, targets, batch_size).nll
+
+
+def target_token_accuracy(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    """Fraction of the tokens of `" " + targets[i]` predicted top-1 after `prompts[i]` (teacher-forced), shape (n,)."""
+    return score_targets(model, tokenizer, prompts, targets, batch_size).token_accuracy
+
+
+@torch.no_grad()
+def score_targets(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> TargetScores:
+    """NLL and top-1 token accuracy of `" " + targets[i]` after `prompts[i]`, in one batched pass.
 
     Teacher-forced, without gradients, on the model's device, in batches of `batch_size`
     right-padded sequences (examples are length-sorted so batches pad little). Log-softmax is
@@ -58,20 +80,21 @@ def target_nll(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Seq
     device = next(model.parameters()).device
     out_dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
     nll = torch.empty(len(prompts), dtype=out_dtype, device=device)
+    accuracy = torch.empty(len(prompts), dtype=out_dtype, device=device)
     if not prompts:
-        return nll
+        return TargetScores(nll, accuracy)
     encoded = _encode(tokenizer, prompts, targets)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
     try:
-        _score_batches(model, encoded, pad_id, batch_size, nll)
+        _score_batches(model, encoded, pad_id, batch_size, nll, accuracy)
     finally:
         model.train(was_training)
-    return nll
+    return TargetScores(nll, accuracy)
 
 
-def _score_batches(model, encoded, pad_id, batch_size, nll) -> None:
+def _score_batches(model, encoded, pad_id, batch_size, nll, accuracy) -> None:
     """Scores every example; examples that feed the model the same tokens share one row.
 
     The model reads prompt + target[:-1]; for single-token targets that is the prompt alone,
@@ -85,6 +108,7 @@ def _score_batches(model, encoded, pad_id, batch_size, nll) -> None:
         examples_of.setdefault(tuple(prompt_ids + target_ids[:-1]), []).append(i)
     distinct = sorted(examples_of, key=len)
     totals = torch.zeros(len(encoded), dtype=out_dtype, device=device)
+    hits = torch.zeros(len(encoded), dtype=out_dtype, device=device)
     for start in range(0, len(distinct), batch_size):
         chunk = distinct[start : start + batch_size]
         batch = pad_id_lists([list(seq) for seq in chunk], pad_id, device)
@@ -101,10 +125,14 @@ def _score_batches(model, encoded, pad_id, batch_size, nll) -> None:
         hidden = base(**batch, use_cache=False).last_hidden_state
         picked = hidden[torch.tensor(rows, device=device), torch.tensor(positions, device=device)]  # (n target tokens, d)
         logprobs = torch.log_softmax(_lm_head_logits(model, picked).to(out_dtype), dim=-1)
-        token_nll = -logprobs.gather(1, torch.tensor(target_ids, device=device)[:, None])[:, 0]
-        totals.index_add_(0, torch.tensor(example_ids, device=device), token_nll)
+        wanted = torch.tensor(target_ids, device=device)
+        token_nll = -logprobs.gather(1, wanted[:, None])[:, 0]
+        index = torch.tensor(example_ids, device=device)
+        totals.index_add_(0, index, token_nll)
+        hits.index_add_(0, index, (logprobs.argmax(-1) == wanted).to(out_dtype))
     counts = torch.tensor([len(target) for _, target in encoded], dtype=out_dtype, device=device)
     nll.copy_(totals / counts)
+    accuracy.copy_(hits / counts)
 
 
 def compare_targets(

@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from ..evaluation import protocol
 from ..sphere.hyperspherical import hyperspherical_energy
 
 
@@ -23,18 +24,23 @@ class HypersphericalEnergyMonitor(L.Callback):
 
     Collapse under sequential editing coincides with large ΔHE, which is why it is watched live.
     The pre-edit HE is part of the callback's checkpoint state, so a resumed run keeps its baseline.
+    The definition is configurable: the power `s` (0: logarithmic energy), `reduction` (mean or
+    sum over neuron pairs) and `normalize_rows` (False: distances between raw rows, not directions).
     """
 
-    def __init__(self, s: float = 1.0, reduction: str = "mean", every_n_batches: int = 1, chunk_size: int = 1024):
+    def __init__(
+        self, s: float = 1.0, reduction: str = "mean", every_n_batches: int = 1, chunk_size: int = 1024, normalize_rows: bool = True
+    ):
         self.s = s
         self.reduction = reduction
+        self.normalize_rows = normalize_rows
         self.every_n_batches = every_n_batches
         self.chunk_size = chunk_size
         self.initial: dict[str, float] = {}
 
     def _energies(self, pl_module) -> dict[str, float]:
         return {
-            f"layer{layer}": float(hyperspherical_energy(weight, self.s, self.reduction, self.chunk_size))
+            f"layer{layer}": float(hyperspherical_energy(weight, self.s, self.reduction, self.chunk_size, self.normalize_rows))
             for layer, weight in pl_module.editor.edited_weights().items()
         }
 
@@ -123,7 +129,7 @@ class RunSummary(L.Callback):
         directory = Path(self.dirpath or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         rows = [dict(row) for row in pl_module.progress_history]
-        final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("final/")}
+        final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(protocol.FINAL_EDITED)}
         last = rows[-1] if rows else {}
         he = {
             key.split("/", 1)[1]: {"he": last.get(f"he/{key.split('/', 1)[1]}"), "he_delta": last[key], "he_relative": last.get(f"he_relative/{key.split('/', 1)[1]}")}
@@ -137,7 +143,7 @@ class RunSummary(L.Callback):
             "batches": editor.batches_done,
             "settings": editor.settings(),
             "final": final,
-            "last_evaluation": {k: v for k, v in last.items() if k.startswith(("edited/", "holdout/"))},
+            "last_evaluation": {k: v for k, v in last.items() if k.startswith(protocol.FACT_PREFIXES)},
             "hyperspherical_energy": he,
             "seconds": {k: round(v, 3) for k, v in editor.timer.seconds.items()},
         }

@@ -4,6 +4,7 @@ plus three commands on edit patches and checkpoints.
     sphere-pl fit --config configs/quickstart.yaml
     sphere-pl fit --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
     sphere-pl validate --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
+    sphere-pl test --config configs/quickstart.yaml --patch edits.safetensors
     sphere-pl export --ckpt_path last.ckpt --out edits.safetensors
     sphere-pl apply --patch edits.safetensors --model MODEL --out edited-model/
     sphere-pl rollback --ckpt_path last.ckpt --batches 1
@@ -11,14 +12,18 @@ plus three commands on edit patches and checkpoints.
 
 from __future__ import annotations
 
+import os
 import sys
 from urllib.parse import urlsplit
 
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningCLI
 
+from ..editing.patch import PatchError
 from .callbacks import EditCheckpoint, HypersphericalEnergyMonitor, RunSummary
 from .datamodule import EditDataModule
+from .general import GeneralAbilityMonitor
+from .he_analysis import HEAnalysis
 from .loggers import AutoWandbLogger
 from .module import SequentialEditor
 
@@ -35,14 +40,44 @@ PATCH_COMMANDS = ("export", "apply", "rollback")
 
 
 class SphereCLI(LightningCLI):
-    """The HE monitor, the edit checkpoints and the run summary are always on (`he:`,
-    `checkpoint:`, `summary:`). Checkpoints are read with `weights_only=True` (no pickle code
+    """The HE monitor, the edit checkpoints, the run summary, the general-ability monitor (no
+    tasks unless configured) and the HE analysis are always on (`he:`, `checkpoint:`,
+    `summary:`, `general:`, `he_analysis:`). Checkpoints are read with `weights_only=True` (no pickle code
     runs) and must be local files; the config, not the checkpoint, decides the model."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(HypersphericalEnergyMonitor, "he")
         parser.add_lightning_class_args(EditCheckpoint, "checkpoint")
         parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(GeneralAbilityMonitor, "general")
+        parser.add_lightning_class_args(HEAnalysis, "he_analysis")
+        parser.add_argument(
+            "--patch", type=str | None, default=None,
+            help="validate/test: evaluate this edit patch (sphere-pl export) applied to the model, instead of a checkpoint",
+        )  # fmt: skip
+
+    def before_fit(self) -> None:
+        if self.config["fit"].get("patch"):
+            raise SystemExit("error: --patch is for validate and test; to continue editing, resume with --ckpt_path")
+
+    def before_validate(self) -> None:
+        self._apply_patch("validate")
+
+    def before_test(self) -> None:
+        self._apply_patch("test")
+
+    def _apply_patch(self, subcommand: str) -> None:
+        patch = self.config[subcommand].get("patch")
+        if not patch:
+            return
+        if self.config[subcommand].get("ckpt_path"):
+            raise SystemExit("error: give --patch or --ckpt_path, not both (a checkpoint already holds its edits)")
+        if not os.path.isfile(patch):
+            raise SystemExit(f"error: patch not found: {patch}")
+        try:
+            self.model.apply_patch(patch)
+        except PatchError as e:
+            raise SystemExit(f"error: {patch}: {e}") from None
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI would overwrite the config with hyper-parameters saved in the checkpoint;

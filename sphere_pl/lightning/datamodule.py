@@ -68,7 +68,8 @@ class EditDataModule(L.LightningDataModule):
     source: "quickstart" (the project's offline edit set), "counterfact" / "multi_counterfact"
         (the canonical remote files, downloaded once into `cache_dir`), a local JSON/JSONL
         path, or any URL.
-    schema: "auto", "counterfact" (full / multi-CounterFact) or "mend_counterfact" (flat).
+    schema: "auto", "counterfact" (full / multi-CounterFact), "mend_counterfact" (flat) or "zsre" (MEND).
+    on_bad_record: "fatal" stops at a malformed record; "skip" leaves it out with a warning naming it.
     dataset_size_limit: edit only the first N records (None: all but the held-out ones).
     num_edits: requests per edit batch.
     num_holdout: never-edited records, taken after the edit set, for specificity checks.
@@ -80,6 +81,7 @@ class EditDataModule(L.LightningDataModule):
         self,
         source: str = QUICKSTART,
         schema: str = "auto",
+        on_bad_record: str = "fatal",
         dataset_size_limit: int | None = None,
         num_edits: int = 10,
         num_holdout: int = 10,
@@ -93,6 +95,9 @@ class EditDataModule(L.LightningDataModule):
             raise ValueError(f"num_edits must be at least 1, got {num_edits}")
         self.source = NAMED_SOURCES.get(source, source)
         self.schema = schema
+        if on_bad_record not in ("fatal", "skip"):
+            raise ValueError(f"data.on_bad_record must be 'fatal' or 'skip', got {on_bad_record!r}")
+        self.on_bad_record = on_bad_record
         self.dataset_size_limit = dataset_size_limit
         self.num_edits = num_edits
         self.num_holdout = num_holdout
@@ -107,7 +112,7 @@ class EditDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.edit_requests:
             return
-        records = load_edit_requests(self.source, schema=self.schema, cache_dir=self.cache_dir)
+        records = load_edit_requests(self.source, schema=self.schema, cache_dir=self.cache_dir, on_bad_record=self.on_bad_record)
         n_edit = len(records) - self.num_holdout if self.dataset_size_limit is None else self.dataset_size_limit
         if n_edit < 1 or n_edit > len(records):
             raise ValueError(

@@ -18,9 +18,12 @@ import torch
 
 from ..data.records import EditBatch, EditRequest
 from ..editing.editor import EditFailedError, Editor
+from ..editing.patch import Patch
 from ..editing.methods.base import EditMethod
 from ..editing.writer import DeltaFilter
-from ..evaluation.counterfact import CounterFactEvaluator
+from ..evaluation import protocol
+from ..evaluation.base import CaseWriter, Evaluator
+from ..evaluation.facts import FactEvaluator
 from ..models import EMBEDDED_MODEL, load_model_and_tokenizer
 
 
@@ -44,11 +47,20 @@ class SequentialEditor(L.LightningModule):
         order (None: the SPHERE projection with the paper's η = 0.5 and the method's α: 0.5 on
         AlphaEdit, 0.8 on the others; [] for none).
     history_size: batch patches kept in checkpoints, so `sphere-pl rollback` can undo that many.
-    eval_every: evaluate edited and held-out facts every this many edit batches (0: never during fit).
+    eval_every: evaluate the facts edited so far and held-out facts every this many edit
+        batches (0: never during fit). Metric names say population and moment
+        (`sphere_pl.evaluation.protocol`).
     eval_sample_size: evaluate at most this many of the facts edited so far, a fixed random
         sample (None: all of them).
     eval_seed: seed of that sample.
+    eval_last_batch: also evaluate the batch just edited, right after its edit (`last_batch/`).
+    eval_before_editing: evaluate the facts to be edited before the first edit (`pre_edit/to_edit/`).
     scoring_batch_size: prompts per scoring forward pass.
+    cases_dir: write every evaluation's per-case rows (NLLs, probabilities, decisions per
+        prompt) to `<cases_dir>/<population>[-<evaluator>].jsonl` (None: not written).
+    evaluators: more evaluators of edit facts (e.g. `GenerativeEfficacyEvaluator`,
+        `GenerationQualityEvaluator`), run wherever facts are evaluated except `last_batch/`:
+        before editing, every `eval_every` batches on the sample, and at the end.
     """
 
     def __init__(
@@ -64,10 +76,14 @@ class SequentialEditor(L.LightningModule):
         eval_every: int = 1,
         eval_sample_size: int | None = None,
         eval_seed: int = 0,
+        eval_last_batch: bool = True,
+        eval_before_editing: bool = True,
         scoring_batch_size: int = 32,
+        cases_dir: str | None = None,
+        evaluators: list[Evaluator] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["method", "filters"])  # logged; never restored from checkpoints
+        self.save_hyperparameters(ignore=["method", "filters", "evaluators"])  # logged; never restored from checkpoints
         self.strict_loading = False  # checkpoints keep no module state dict (see on_save_checkpoint)
         model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, gguf_file, trust_remote_code)
         model_id = (model_name_or_path or EMBEDDED_MODEL) + (f"/{gguf_file}" if gguf_file else "")
@@ -86,7 +102,13 @@ class SequentialEditor(L.LightningModule):
         self.eval_every = eval_every
         self.eval_sample_size = eval_sample_size
         self.eval_seed = eval_seed
-        self.final_eval = CounterFactEvaluator("", scoring_batch_size)
+        self.eval_last_batch = eval_last_batch
+        self.eval_before_editing = eval_before_editing
+        self.cases = CaseWriter(cases_dir) if cases_dir else None
+        self.evaluators = list(evaluators or [])
+        self.final_evals: list[Evaluator] = [FactEvaluator("", scoring_batch_size), *self.evaluators]
+        self.final_rows: dict[str, list[dict]] = {}
+        self.pending_patch: Patch | None = None
         self.progress_history: list[dict[str, float]] = []
         self.edited_requests: list[EditRequest] = []
 
@@ -98,6 +120,9 @@ class SequentialEditor(L.LightningModule):
         if datamodule is not None and stage == "fit":
             self.editor.check_requests(list(datamodule.edit_requests) + list(datamodule.holdout_requests))
         self.editor.prepare()  # validate/test too: a method may evaluate weights derived from the pretrained ones
+        if self.pending_patch is not None:
+            self.pending_patch.apply_to(self.editor.model)
+            self.pending_patch = None
 
     def configure_optimizers(self):
         return None
@@ -134,10 +159,34 @@ class SequentialEditor(L.LightningModule):
                     )
                 self.edited_requests.extend(batch.requests)
 
+    def on_fit_start(self) -> None:
+        if self.eval_before_editing and self.editor.batches_done == 0 and self._trainer is not None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            to_edit = list(getattr(datamodule, "edit_requests", []))
+            if to_edit:
+                with self.editor.timer("evaluation"):
+                    values = self._evaluate(self._sample(to_edit), protocol.PRE_EDIT, "pre_edit", extras=True)
+                self.log_pre_edit(values)
+
+    def log_pre_edit(self, values: dict[str, float]) -> None:
+        """Like `log_progress`, for values measured before the first edit (history step -1, 0 edits)."""
+        row = {**values, "edits": 0.0}
+        if self.progress_history and self.progress_history[0].get("step") == -1:
+            self.progress_history[0].update(row)
+        else:
+            self.progress_history.insert(0, {"step": -1, **row})
+        for logger in self.loggers:
+            logger.log_metrics(row, step=0)
+
     def on_train_batch_end(self, outputs, batch: EditBatch, batch_idx: int) -> None:
-        if self.eval_every and self.editor.batches_done % self.eval_every == 0:
-            with self.editor.timer("evaluation"):
-                self.log_progress(self.evaluate_progress())
+        values = {}
+        with self.editor.timer("evaluation"):
+            if self.eval_last_batch:
+                values.update(self._evaluate(batch.requests, protocol.LAST_BATCH, "after_batch"))
+            if self.eval_every and self.editor.batches_done % self.eval_every == 0:
+                values.update(self.evaluate_progress())
+        if values:
+            self.log_progress(values)
 
     def log_progress(self, values: dict[str, float]) -> None:
         """Send metrics measured after some edit batches straight to the loggers, with `edits`.
@@ -157,42 +206,77 @@ class SequentialEditor(L.LightningModule):
 
     def evaluate_progress(self) -> dict[str, float]:
         """Metrics on (a fixed sample of) the facts edited so far and on never-edited facts."""
-        values = self.editor.evaluate(self._edited_sample(), prefix="edited/")
+        values = self._evaluate(self._sample(self.edited_requests), protocol.EDITED_SO_FAR, "after_batch", extras=True)
         holdout = getattr(self.trainer.datamodule, "holdout_requests", []) if self._trainer is not None else []
         if holdout:
-            values.update(self.editor.evaluate(holdout, prefix="holdout/"))
+            values.update(self._evaluate(holdout, protocol.NEVER_EDITED, "after_batch"))
         return values
 
-    def _edited_sample(self) -> list[EditRequest]:
-        """A fixed random sample: each fact gets a seeded priority; the k lowest among the edited are kept."""
-        if self.eval_sample_size is None or len(self.edited_requests) <= self.eval_sample_size:
-            return self.edited_requests
+    def _evaluate(self, requests: list[EditRequest], prefix: str, moment: str, extras: bool = False) -> dict[str, float]:
+        """Metrics of `requests` under `prefix` (with `extras`: also the extra evaluators'); per-case
+        rows go to `cases_dir` when set."""
+        values, rows = self.editor.evaluate_cases(requests, prefix=prefix)
+        self._write_cases(prefix, "", rows, moment)
+        for evaluator in self.evaluators if extras else []:
+            with self.editor.evaluation_weights():
+                extra, rows = evaluator.evaluate_cases(self.editor.model, self.editor.tokenizer, requests)
+            values.update({prefix + k: float(v) for k, v in extra.items() if not torch.isnan(v)})
+            self._write_cases(prefix, evaluator.name, rows, moment)
+        return values
+
+    def _write_cases(self, prefix: str, evaluator: str, rows: list[dict], moment: str) -> None:
+        if self.cases is None or (self._trainer is not None and not self.trainer.is_global_zero):
+            return
+        name = prefix.strip("/").replace("/", "-") + (f"-{evaluator}" if evaluator else "")
+        self.cases.write(name, rows, moment=moment, edits=self.editor.edits_applied, batches=self.editor.batches_done)
+
+    def _sample(self, requests: list[EditRequest]) -> list[EditRequest]:
+        """A fixed random sample: each fact gets a seeded priority and the k lowest are kept, so
+        the sample of the facts edited so far only grows, and the pre-edit sample is its final state."""
+        if self.eval_sample_size is None or len(requests) <= self.eval_sample_size:
+            return requests
 
         def priority(request: EditRequest) -> float:
             return random.Random(f"{self.eval_seed}:{request.case_id}").random()
 
-        return sorted(self.edited_requests, key=priority)[: self.eval_sample_size]
+        return sorted(requests, key=priority)[: self.eval_sample_size]
 
     # ------------------------------------------------------------- evaluation
     def validation_step(self, batch: list[EditRequest], batch_idx: int):
-        with self.editor.evaluation_weights():
-            self.final_eval.update(self.editor.model, self.editor.tokenizer, batch)
+        self._final_update(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_final("final/")
+        self._log_final(protocol.FINAL_EDITED)
 
     def test_step(self, batch: list[EditRequest], batch_idx: int):
-        with self.editor.evaluation_weights():
-            self.final_eval.update(self.editor.model, self.editor.tokenizer, batch)
+        self._final_update(batch)
 
     def on_test_epoch_end(self) -> None:
-        self._log_final("holdout_final/")
+        self._log_final(protocol.FINAL_NEVER_EDITED)
+
+    def _final_update(self, batch: list[EditRequest]) -> None:
+        with self.editor.evaluation_weights():
+            for evaluator in self.final_evals:
+                rows = evaluator.update(self.editor.model, self.editor.tokenizer, batch)
+                self.final_rows.setdefault(evaluator.name, []).extend(rows)
 
     def _log_final(self, prefix: str) -> None:
-        values = {prefix + k: float(v) for k, v in self.final_eval.compute().items() if not v.isnan()}
-        values["edits"] = float(self.editor.edits_applied)
-        self.final_eval.reset()
+        values = {"edits": float(self.editor.edits_applied)}
+        for evaluator in self.final_evals:
+            values.update({prefix + k: float(v) for k, v in evaluator.compute().items() if not v.isnan()})
+            evaluator.reset()
+            name = "" if isinstance(evaluator, FactEvaluator) else evaluator.name
+            self._write_cases(prefix, name, self.final_rows.get(evaluator.name, []), "final")
+        self.final_rows = {}
         self.log_dict(values)
+
+    # ------------------------------------------------------------ patches
+    def apply_patch(self, path: str) -> None:
+        """Evaluate a saved edit patch (`sphere-pl export`) without its checkpoint: it is read now
+        (a bad file fails before any work) and written into the model in `setup`, after the
+        editor is prepared on the unedited weights. It must fit these base weights (checked)."""
+        self.pending_patch = Patch.load(path)
+        self.pending_patch.check_fits(self.editor.model)
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

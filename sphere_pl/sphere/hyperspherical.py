@@ -80,6 +80,7 @@ def hyperspherical_energy(
     s: float = 1.0,
     reduction: str = "mean",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    normalize_rows: bool = True,
 ) -> torch.Tensor:
     """HE_s(W): mean (or sum) over ordered pairs i != j of f_s(||ŵ_i − ŵ_j||).
 
@@ -87,6 +88,8 @@ def hyperspherical_energy(
     the Gram matrix, ||ŵ_i − ŵ_j||² = 2 − 2 ŵ_i·ŵ_j, clamped at 1e-12 so that (nearly)
     coincident rows give a large but finite energy. The pairwise part runs over blocks of
     `chunk_size` Gram rows so that no further N x N temporaries are created.
+    `normalize_rows=False` uses the raw rows instead, ||w_i − w_j||² = G_ii + G_jj − 2 G_ij
+    (an energy that also moves when neurons only change length; not the paper's definition).
     Returns a float64 scalar tensor on the weight's device.
     """
     if s < 0:
@@ -97,12 +100,22 @@ def hyperspherical_energy(
     n = weight.shape[0]
     if n < 2:
         raise ValueError(f"hyperspherical energy needs at least 2 rows, got {n}")
-    gram = normalized_gram(weight, chunk_size)
+    if normalize_rows:
+        gram = normalized_gram(weight, chunk_size)
+    else:
+        _check_chunk_size(chunk_size)
+        gram = torch.zeros(n, n, dtype=torch.float64, device=weight.device)
+        for block in _column_chunks(weight, chunk_size):
+            gram.addmm_(block, block.T)
+        squares = gram.diagonal().clone()
 
     total = torch.zeros((), dtype=torch.float64, device=weight.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        dist2 = (2.0 - 2.0 * gram[start:stop]).clamp_(min=_DIST2_EPS)
+        if normalize_rows:
+            dist2 = (2.0 - 2.0 * gram[start:stop]).clamp_(min=_DIST2_EPS)
+        else:
+            dist2 = (squares[start:stop, None] + squares[None, :] - 2.0 * gram[start:stop]).clamp_(min=_DIST2_EPS)
         if s == 0:
             energy = dist2.log_().mul_(-0.5)  # log(1/z) = -log(z²)/2
         else:

@@ -283,7 +283,7 @@ def test_unknown_schema_lists_keys(tmp_path, cache):
 def test_bad_arguments(tmp_path, cache):
     path = _write(tmp_path, "ok.json", [_mend(1)])
     with pytest.raises(ValueError, match="schema"):
-        load_edit_requests(str(path), schema="zsre", cache_dir=cache)
+        load_edit_requests(str(path), schema="nonsense", cache_dir=cache)
     with pytest.raises(ValueError, match="limit"):
         load_edit_requests(str(path), cache_dir=cache, limit=-1)
 

@@ -59,7 +59,7 @@ def test_eight_real_edits_take_and_unrelated_facts_survive(tmp_path):
     assert after_edited["efficacy_score"] >= 0.9
     assert after_holdout["specificity_score"] >= before_holdout["specificity_score"] - 0.10
     # the end-of-fit validation logged the same efficacy on all edited facts
-    assert trainer.logged_metrics["final/efficacy_score"].item() == pytest.approx(float(after_edited["efficacy_score"]))
+    assert trainer.logged_metrics["final/edited/efficacy_score"].item() == pytest.approx(float(after_edited["efficacy_score"]))
 
 
 @pytest.mark.slow

@@ -63,7 +63,7 @@ def fitted(tiny_model_dir, stats_cache, tmp_path_factory):
     """One CLI fit of 3 batches of 4 quickstart edits; its directory, config, env and console output."""
     root = tmp_path_factory.mktemp("fitted")
     env = cli_env(root)
-    config = write_config(root / "edit.yaml", run_config(tiny_model_dir, stats_cache, root / "run"))
+    config = write_config(root / "edit.yaml", run_config(tiny_model_dir, stats_cache, root / "run", model__cases_dir=str(root / "run" / "cases")))
     result = run_cli(["fit", "--config", config], root, env)
     return {"root": root, "run": root / "run", "config": config, "env": env, "stdout": result.stdout}
 
@@ -82,7 +82,7 @@ def edited_requests() -> list:
 def test_fit_ends_with_a_summary_table_and_summary_files(fitted, tiny_model_dir):
     run = fitted["run"]
     assert "sphere_pl run summary: 12 edits in 3 batches" in fitted["stdout"]
-    assert "ΔHE/HE" in fitted["stdout"] and "final/efficacy_score" in fitted["stdout"]
+    assert "ΔHE/HE" in fitted["stdout"] and "final/edited/efficacy_score" in fitted["stdout"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["edits"] == 12 and set(summary["hyperspherical_energy"]) == {"layer1", "layer2"}
 
@@ -92,13 +92,38 @@ def test_fit_ends_with_a_summary_table_and_summary_files(fitted, tiny_model_dir)
         model.get_submodule(name).weight.data.copy_(weight)
     expected = CounterFactEvaluator().evaluate(model, tokenizer, edited_requests())
     for key, value in expected.items():
-        assert summary["final"][f"final/{key}"] == pytest.approx(float(value), rel=1e-5, abs=1e-9)
+        assert summary["final"][f"final/edited/{key}"] == pytest.approx(float(value), rel=1e-5, abs=1e-9)
 
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [float(r["edits"]) for r in rows] == [4.0, 8.0, 12.0]
-    assert all(r["he/layer1"] and r["edited/efficacy_score"] for r in rows)
+    assert [float(r["edits"]) for r in rows] == [0.0, 4.0, 8.0, 12.0]  # before editing, then after every batch
+    assert rows[0]["pre_edit/to_edit/efficacy_score"] and not rows[0]["edited_so_far/efficacy_score"]
+    assert all(r["he/layer1"] and r["edited_so_far/efficacy_score"] and r["last_batch/efficacy_score"] for r in rows[1:])
     assert float(rows[-1]["he_delta/layer2"]) == pytest.approx(summary["hyperspherical_energy"]["layer2"]["he_delta"])
+
+
+def test_per_case_files_hold_every_prompt_and_agree_with_the_logged_metrics(fitted):
+    cases = fitted["run"] / "cases"
+    assert sorted(p.name for p in cases.iterdir()) == [
+        "edited_so_far.jsonl", "final-edited.jsonl", "last_batch.jsonl", "never_edited.jsonl", "pre_edit-to_edit.jsonl",
+    ]  # fmt: skip
+    final = [json.loads(line) for line in (cases / "final-edited.jsonl").read_text().splitlines()]
+    # quickstart records: one rewrite prompt, their paraphrases and neighborhood prompts each
+    requests = edited_requests()
+    expected_prompts = sum(1 + len(r.paraphrase_prompts) + len(r.neighborhood_prompts) for r in requests)
+    assert len(final) == expected_prompts
+    assert {row["case_id"] for row in final} == {r.case_id for r in requests}
+    summary = json.loads((fitted["run"] / "summary.json").read_text())
+    for group in ("efficacy", "generalization", "specificity"):
+        decisions = [row["success"] for row in final if row["group"] == group]
+        # the row's decision follows from its own NLLs
+        assert all(
+            row["success"] == ((row["nll_new"] < row["nll_true"]) if row["preferred"] == "new" else (row["nll_true"] < row["nll_new"]))
+            for row in final
+        )
+        assert sum(decisions) / len(decisions) == pytest.approx(summary["final"][f"final/edited/{group}_score"])
+    last = [json.loads(line) for line in (cases / "last_batch.jsonl").read_text().splitlines()]
+    assert sorted({row["edits"] for row in last}) == [4, 8, 12]
 
 
 def test_export_then_apply_writes_a_standard_checkpoint_with_the_edits(fitted, tiny_model_dir):
@@ -120,7 +145,7 @@ def test_export_then_apply_writes_a_standard_checkpoint_with_the_edits(fitted, t
     _, tokenizer = load_model_and_tokenizer(str(root / "edited-model"))
     summary = json.loads((run / "summary.json").read_text())
     rescored = CounterFactEvaluator().evaluate(edited, tokenizer, edited_requests())
-    assert float(rescored["efficacy_score"]) == pytest.approx(summary["final"]["final/efficacy_score"])
+    assert float(rescored["efficacy_score"]) == pytest.approx(summary["final"]["final/edited/efficacy_score"])
 
 
 def test_rollback_equals_the_run_stopped_earlier_and_resumes_to_the_same_end(fitted):
@@ -189,6 +214,39 @@ def test_patch_for_another_model_or_with_a_missing_tensor_is_refused(fitted, oth
     result = run_cli(["apply", "--patch", str(root / "torn.safetensors"), "--out", str(root / "torn")], root, env, ok=False)
     assert "lacks tensor 'model.layers.2.mlp.down_proj.delta'" in result.stderr
     assert not (root / "torn").exists()
+
+
+def latest_csv_rows(directory: Path) -> list[dict]:
+    """The rows of the newest CSVLogger version under `directory`."""
+    newest = max(directory.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    with open(newest / "metrics.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def test_validate_and_test_evaluate_a_patch_without_its_checkpoint(fitted, other_model_dir):
+    root, run, env = fitted["root"], fitted["run"], fitted["env"]
+    patch = root / "for-validate.safetensors"
+    run_cli(["export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--out", str(patch)], root, env)
+    summary = json.loads((run / "summary.json").read_text())
+
+    run_cli(["validate", "--config", fitted["config"], "--patch", str(patch)], root, env)
+    validated = [r for r in latest_csv_rows(run / "csv") if "final/edited/efficacy_score" in r][-1]
+    for key, value in summary["final"].items():  # the same scores as the end of the run that made the patch
+        assert validated[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+    run_cli(["test", "--config", fitted["config"], "--patch", str(patch)], root, env)
+    tested = [r for r in latest_csv_rows(run / "csv") if "final/never_edited/specificity_score" in r]
+    assert tested and 0.0 <= tested[-1]["final/never_edited/specificity_score"] <= 1.0
+
+    # refusals, each naming the problem
+    other = write_config(root / "other.yaml", {**yaml.safe_load(Path(fitted["config"]).read_text()), "model": {
+        **yaml.safe_load(Path(fitted["config"]).read_text())["model"], "model_name_or_path": other_model_dir}})  # fmt: skip
+    result = run_cli(["validate", "--config", other, "--patch", str(patch)], root, env, ok=False)
+    assert "base fingerprint" in result.stderr and str(patch) in result.stderr
+    result = run_cli(["validate", "--config", fitted["config"], "--patch", str(root / "missing.safetensors")], root, env, ok=False)
+    assert "patch not found" in result.stderr
+    result = run_cli(["fit", "--config", fitted["config"], "--patch", str(patch)], root, env, ok=False)
+    assert "--patch is for validate and test" in result.stderr
 
 
 def test_resume_refuses_a_checkpoint_of_another_model_or_a_url(fitted, other_model_dir, stats_cache):

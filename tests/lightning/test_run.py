@@ -257,7 +257,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, tiny_method, tmp_p
         return merged
 
     reference_row, resumed_row = last_train_row(reference_trainer), last_train_row(resumed_trainer)
-    compared = [k for k in reference_row if k.startswith(("he", "edited/", "holdout/"))]
+    compared = [k for k in reference_row if k.startswith(("he", "edited_so_far/", "never_edited/"))]
     assert len(compared) > 10 and resumed_row["edits"] == reference_row["edits"] == NUM_FACTS
     resumed_values = {k: resumed_row[k] for k in compared}
     assert resumed_values == pytest.approx({k: reference_row[k] for k in compared}, rel=1e-5, abs=1e-9)
@@ -541,11 +541,13 @@ class EvaluationProbe(L.Callback):
         self.samples: dict[int, list] = {}
         self.expected: dict[int, dict[str, float]] = {}
         self.expected_all_edited: dict[int, dict[str, float]] = {}
+        self.expected_last_batch: dict[int, dict[str, float]] = {}
+        self.expected_pre_edit: dict[str, float] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         done = pl_module.editor.batches_done
-        sample = pl_module._edited_sample()
-        assert pl_module._edited_sample() == sample  # the same on every call
+        sample = pl_module._sample(pl_module.edited_requests)
+        assert pl_module._sample(pl_module.edited_requests) == sample  # the same on every call
         self.samples[done] = sample
         edited_so_far = self.data.edit_requests[: done * NUM_EDITS]  # from the data, not from the module
 
@@ -553,8 +555,15 @@ class EvaluationProbe(L.Callback):
             values = CounterFactEvaluator(prefix).evaluate(pl_module.model, pl_module.editor.tokenizer, requests)
             return {k: float(v) for k, v in values.items()}
 
-        self.expected[done] = {**evaluate("edited/", sample), **evaluate("holdout/", self.data.holdout_requests)}
-        self.expected_all_edited[done] = evaluate("edited/", edited_so_far)
+        self.expected[done] = {**evaluate("edited_so_far/", sample), **evaluate("never_edited/", self.data.holdout_requests)}
+        self.expected_all_edited[done] = evaluate("edited_so_far/", edited_so_far)
+        self.expected_last_batch[done] = evaluate("last_batch/", batch.requests)
+
+    def on_fit_start(self, trainer, pl_module):
+        # before any edit: the sample that the facts edited so far will end up with
+        everything = pl_module._sample(self.data.edit_requests)
+        values = CounterFactEvaluator("pre_edit/to_edit/").evaluate(pl_module.model, pl_module.editor.tokenizer, everything)
+        self.expected_pre_edit = {k: float(v) for k, v in values.items()}
 
 
 def test_metrics_logged_every_eval_every_batches_on_a_fixed_sample(tiny_model_dir, tiny_method, tmp_path):
@@ -572,15 +581,24 @@ def test_metrics_logged_every_eval_every_batches_on_a_fixed_sample(tiny_model_di
     assert [r["edits"] for r in rows if "edit/value_loss" in r] == [4, 8, 12]
     # evaluation (and HE, every 2 batches too) only after the second batch: later rows must not
     # repeat those values as if they had been measured at 12 edits
-    assert [r["edits"] for r in rows if "edited/efficacy_score" in r] == [8]
-    assert [r["edits"] for r in rows if "holdout/specificity_score" in r] == [8]
+    assert [r["edits"] for r in rows if "edited_so_far/efficacy_score" in r] == [8]
+    assert [r["edits"] for r in rows if "never_edited/specificity_score" in r] == [8]
     assert [r["edits"] for r in rows if "he/layer1" in r] == [8]
-    row = next(r for r in rows if "edited/efficacy_score" in r)
+    row = next(r for r in rows if "edited_so_far/efficacy_score" in r)
     expected = probe.expected[2]
     assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-6, abs=1e-12)
     # the sample, not all 8 edited facts, was evaluated (the two differ)
-    all_edited = probe.expected_all_edited[2]["edited/efficacy_magnitude"]
-    assert all_edited != pytest.approx(expected["edited/efficacy_magnitude"])
+    all_edited = probe.expected_all_edited[2]["edited_so_far/efficacy_magnitude"]
+    assert all_edited != pytest.approx(expected["edited_so_far/efficacy_magnitude"])
+    # the batch just edited: after every batch, exactly its own facts
+    last = [r for r in rows if "last_batch/efficacy_score" in r]
+    assert [r["edits"] for r in last] == [4, 8, 12]
+    for r, done in zip(last, (1, 2, 3)):
+        assert {k: r[k] for k in probe.expected_last_batch[done]} == pytest.approx(probe.expected_last_batch[done], rel=1e-6, abs=1e-12)
+    # before editing: the facts to be edited, on the unedited model, logged at 0 edits
+    pre = [r for r in rows if "pre_edit/to_edit/efficacy_score" in r]
+    assert [r["edits"] for r in pre] == [0]
+    assert {k: pre[0][k] for k in probe.expected_pre_edit} == pytest.approx(probe.expected_pre_edit, rel=1e-6, abs=1e-12)
 
     # the sample: k facts, all already edited, and a fact edited earlier enters it only when first edited
     for done, sample in probe.samples.items():
@@ -594,10 +612,10 @@ def test_metrics_logged_every_eval_every_batches_on_a_fixed_sample(tiny_model_di
             assert {r.case_id for r in sample if r in earlier} <= previous
 
     # end of fit: every edited fact (not the sample) is evaluated over all validation chunks
-    final_rows = [r for r in rows if "final/efficacy_score" in r]
+    final_rows = [r for r in rows if "final/edited/efficacy_score" in r]
     assert len(final_rows) == 1 and final_rows[0]["edits"] == NUM_FACTS
     final = {
-        f"final/{k}": float(v)
+        f"final/edited/{k}": float(v)
         for k, v in CounterFactEvaluator().evaluate(editor.model, editor.editor.tokenizer, data.edit_requests).items()
     }
     assert {k: final_rows[0][k] for k in final} == pytest.approx(final, rel=1e-5, abs=1e-9)
@@ -608,13 +626,13 @@ def test_edited_sample_depends_only_on_the_edited_facts(tiny_model_dir, tiny_met
     data.setup("fit")
     editor = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method(), eval_sample_size=5)
     editor.edited_requests = list(data.edit_requests[:4])
-    assert editor._edited_sample() == data.edit_requests[:4]
+    assert editor._sample(editor.edited_requests) == data.edit_requests[:4]
     editor.edited_requests = list(data.edit_requests)
-    sample = editor._edited_sample()
+    sample = editor._sample(editor.edited_requests)
     assert len(sample) == 5 and all(r in data.edit_requests for r in sample)
     other = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method(), eval_sample_size=5)
     other.edited_requests = list(reversed(data.edit_requests))  # same facts, other order: same sample
-    assert sorted(r.case_id for r in other._edited_sample()) == sorted(r.case_id for r in sample)
+    assert sorted(r.case_id for r in other._sample(other.edited_requests)) == sorted(r.case_id for r in sample)
 
 
 # -------------------------------------------------------------------- 7. CLI + W&B
@@ -661,8 +679,8 @@ def test_cli_fit_logs_to_offline_wandb_and_validate_restores_the_edits(tiny_mode
     assert len(runs) == 1
     history = read_offline_history(runs[0])
     assert [r["edits"] for r in history if "he/layer1" in r] == [4, 8, 12]
-    assert [r["edits"] for r in history if "edited/efficacy_score" in r] == [4, 8, 12]
-    final_rows = [r for r in history if "final/efficacy_magnitude" in r]
+    assert [r["edits"] for r in history if "edited_so_far/efficacy_score" in r] == [4, 8, 12]
+    final_rows = [r for r in history if "final/edited/efficacy_magnitude" in r]
     assert len(final_rows) == 1 and final_rows[0]["edits"] == NUM_FACTS
 
     # validate the last checkpoint with the same config, logging to CSV
@@ -678,17 +696,17 @@ def test_cli_fit_logs_to_offline_wandb_and_validate_restores_the_edits(tiny_mode
     run_cli(["validate", *configs, "--ckpt_path", str(last)], tmp_path, env)
     with open(tmp_path / "validate" / "csv" / "version_0" / "metrics.csv", newline="") as f:
         rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-    validated = [r for r in rows if "final/efficacy_score" in r]
+    validated = [r for r in rows if "final/edited/efficacy_score" in r]
     assert len(validated) == 1 and validated[0]["edits"] == NUM_FACTS
     # the restored edits give the fit's end-of-run metrics...
-    keys = ("final/efficacy_magnitude", "final/generalization_magnitude", "final/specificity_magnitude")
+    keys = ("final/edited/efficacy_magnitude", "final/edited/generalization_magnitude", "final/edited/specificity_magnitude")
     for key in keys:
         assert validated[0][key] == pytest.approx(final_rows[0][key], rel=1e-6)
 
     data = quickstart_data(tmp_path)
     data.setup("fit")
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
-    before = CounterFactEvaluator("final/").evaluate(model, tokenizer, data.edit_requests)
+    before = CounterFactEvaluator("final/edited/").evaluate(model, tokenizer, data.edit_requests)
     # ...which the unedited model does not (the tiny model's edits are small, but far above that tolerance)
     for key in keys:
         assert abs(float(before[key]) - final_rows[0][key]) > 100 * 1e-6 * abs(final_rows[0][key]), key

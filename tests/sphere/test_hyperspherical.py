@@ -23,9 +23,9 @@ def _weight(d_out, d_in, seed=0, dtype=torch.float32):
     return w.to(dtype)
 
 
-def _brute_force_energy(weight, s, reduction):
+def _brute_force_energy(weight, s, reduction, normalize=True):
     w = weight.double()
-    rows = [w[i] / w[i].norm() for i in range(w.shape[0])]
+    rows = [w[i] / w[i].norm() if normalize else w[i] for i in range(w.shape[0])]
     total, count = 0.0, 0
     for i in range(len(rows)):
         for j in range(len(rows)):
@@ -63,6 +63,19 @@ def test_energy_matches_brute_force(s, reduction, chunk_size):
     got = hyperspherical_energy(w, s=s, reduction=reduction, chunk_size=chunk_size)
     assert got.dtype == torch.float64 and got.dim() == 0
     assert got.item() == pytest.approx(_brute_force_energy(w, s, reduction), rel=1e-9)
+
+
+@pytest.mark.parametrize("s", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("chunk_size", [4, 1024])
+def test_energy_of_raw_rows_matches_brute_force(s, chunk_size):
+    w = _weight(9, 7, seed=3) * torch.linspace(0.5, 3.0, 9)[:, None]  # rows of different lengths
+    got = hyperspherical_energy(w, s=s, chunk_size=chunk_size, normalize_rows=False)
+    assert got.item() == pytest.approx(_brute_force_energy(w, s, "mean", normalize=False), rel=1e-9)
+    # rescaling one row moves the raw-row energy, never the hyperspherical one
+    scaled = w.clone()
+    scaled[0] *= 2.0
+    assert hyperspherical_energy(scaled, s=s).item() == pytest.approx(hyperspherical_energy(w, s=s).item(), rel=1e-12)
+    assert hyperspherical_energy(scaled, s=s, normalize_rows=False).item() != pytest.approx(got.item(), rel=1e-6)
 
 
 def test_energy_default_is_mean_s1_and_half_weights_work():

@@ -1,0 +1,156 @@
+"""What every evaluator shares: torchmetrics state, per-case rows, and bad-record handling.
+
+An evaluator is one benchmark: a reader for its file (when it has its own data), a
+plain-function core, and torchmetrics metrics. It must implement
+
+* ``update(model, tokenizer, items) -> list[dict]``: score `items`, update `self.metrics`
+  and return one JSON-serialisable row per case (the per-case file, see `CaseWriter`);
+
+and may override ``compute`` / ``reset`` (default: those of `self.metrics`). Evaluators with
+their own data (the general-ability tasks, `sphere_pl.evaluation.general`) also implement
+``load(tokenizer) -> list``: the first `limit` good records of their file, a bad record
+being fatal or skipped (``on_bad_record``), never scored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+ON_BAD_RECORD = ("fatal", "skip")
+
+
+class EvalDataError(ValueError):
+    """A malformed evaluation record. The message names the file, the record (line or index) and the field."""
+
+    def __init__(self, source: str, where: str, field: str, problem: str):
+        super().__init__(f"{source}: {where}: field {field!r}: {problem}")
+        self.source, self.where, self.field, self.problem = source, where, field, problem
+
+
+def check_on_bad_record(value: str) -> str:
+    if value not in ON_BAD_RECORD:
+        raise ValueError(f"on_bad_record must be one of {list(ON_BAD_RECORD)}, got {value!r}")
+    return value
+
+
+def read_records(
+    records: Iterable[tuple[str, Any]], parse: Callable[[Any, str], Any], on_bad_record: str = "fatal", limit: int | None = None
+) -> tuple[list, list[EvalDataError]]:
+    """Parse `(where, raw)` pairs with `parse(raw, where)` until `limit` good records.
+
+    A record that `parse` rejects with `EvalDataError` stops the read (`on_bad_record="fatal"`)
+    or is left out and returned in the second list (`"skip"`): it is never scored.
+    """
+    check_on_bad_record(on_bad_record)
+    good, skipped = [], []
+    for where, raw in records:
+        if limit is not None and len(good) >= limit:
+            break
+        try:
+            good.append(parse(raw, where))
+        except EvalDataError as e:
+            if on_bad_record == "fatal":
+                raise
+            skipped.append(e)
+    return good, skipped
+
+
+def jsonl_records(path: str | os.PathLike) -> Iterable[tuple[str, Any]]:
+    """`("line N", parsed JSON)` for each non-empty line; a line that is not JSON is an `EvalDataError`
+    (raised when reached, so `read_records` can skip it)."""
+    source = os.fspath(path)
+    with open(source, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {number}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"line {number}", _Unparsable(source, f"line {number}", f"is not valid JSON ({e.msg} at column {e.colno})")
+
+
+class _Unparsable:
+    """Placeholder for a line that could not be parsed; `require` rejects it with its message."""
+
+    def __init__(self, source: str, where: str, problem: str):
+        self.error = EvalDataError(source, where, "<record>", problem)
+
+
+def require(raw: Any, key: str, kind: type | tuple[type, ...], source: str, where: str, non_empty: bool = True) -> Any:
+    """`raw[key]`, checked to be of `kind` (and non-empty for strings and lists)."""
+    if isinstance(raw, _Unparsable):
+        raise raw.error
+    if not isinstance(raw, dict):
+        raise EvalDataError(source, where, "<record>", f"expected a JSON object, got {type(raw).__name__}")
+    if key not in raw or raw[key] is None:
+        raise EvalDataError(source, where, key, "is missing")
+    value = raw[key]
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise EvalDataError(source, where, key, f"expected {_kind_name(kind)}, got bool {value!r}")
+    if not isinstance(value, kind):
+        raise EvalDataError(source, where, key, f"expected {_kind_name(kind)}, got {type(value).__name__} {str(value)[:60]!r}")
+    if non_empty and isinstance(value, (str, list)) and not (value.strip() if isinstance(value, str) else value):
+        raise EvalDataError(source, where, key, "is empty")
+    return value
+
+
+def _kind_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+class Evaluator:
+    """Base class; see the module docstring for what a subclass implements."""
+
+    name: str = "evaluator"
+    metrics: MetricCollection
+
+    def update(self, model: nn.Module, tokenizer, items: Sequence) -> list[dict]:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, Tensor]:
+        return dict(self.metrics.compute())
+
+    def reset(self) -> None:
+        self.metrics.reset()
+
+    def evaluate(self, model: nn.Module, tokenizer, items: Sequence) -> dict[str, Tensor]:
+        """Metrics of `items` alone (accumulated state is cleared afterwards)."""
+        return self.evaluate_cases(model, tokenizer, items)[0]
+
+    def evaluate_cases(self, model: nn.Module, tokenizer, items: Sequence) -> tuple[dict[str, Tensor], list[dict]]:
+        """Metrics of `items` alone and their per-case rows (accumulated state is cleared afterwards)."""
+        self.reset()
+        rows = self.update(model, tokenizer, items)
+        values = self.compute()
+        self.reset()
+        return values, rows
+
+
+class CaseWriter:
+    """Appends per-case rows to `<directory>/<name>.jsonl`, one JSON object per line, each with
+    the evaluation's context (population, moment, edits so far) so that files can be joined."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+
+    def write(self, name: str, rows: Sequence[dict], **context) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{name}.jsonl"
+        with open(path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({**context, **row}, default=_plain) + "\n")
+        return path
+
+
+def _plain(value):
+    if isinstance(value, Tensor):
+        return value.tolist()
+    return str(value)

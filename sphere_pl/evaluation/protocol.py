@@ -1,0 +1,34 @@
+"""Which facts are evaluated when, and the metric-name prefixes that say so.
+
+Every logged metric name starts with its population and moment, so a curve can never be
+mistaken for another (after-each-batch vs after-all-edits, edited vs never-edited facts):
+
+=========================  =============================================  ==========================
+prefix                     population                                      moment
+=========================  =============================================  ==========================
+``pre_edit/to_edit/``      the facts that will be edited (same sample)     before the first edit
+``last_batch/``            the batch just edited                           right after its edit
+``edited_so_far/``         every fact edited so far (or a fixed sample)    every ``eval_every`` batches
+``never_edited/``          held-out facts, never edited                    every ``eval_every`` batches
+``final/edited/``          every edited fact                               after all edits (``fit`` end, ``validate``)
+``final/never_edited/``    held-out facts                                  after all edits (``test``)
+``pre_edit/general/``      general-ability tasks and perplexity            before the first edit
+``general/``               general-ability tasks and perplexity            every ``every_n_batches`` batches
+``final/general/``         general-ability tasks and perplexity            ``validate`` / ``test`` of an edited model
+=========================  =============================================  ==========================
+
+The README maps the metric names that follow the prefix to the paper's and EasyEdit's names.
+"""
+
+PRE_EDIT = "pre_edit/to_edit/"
+LAST_BATCH = "last_batch/"
+EDITED_SO_FAR = "edited_so_far/"
+NEVER_EDITED = "never_edited/"
+FINAL_EDITED = "final/edited/"
+FINAL_NEVER_EDITED = "final/never_edited/"
+PRE_EDIT_GENERAL = "pre_edit/general/"
+GENERAL = "general/"
+FINAL_GENERAL = "final/general/"
+
+#: prefixes of metrics measured on edit facts, in the order a summary lists them
+FACT_PREFIXES = (PRE_EDIT, LAST_BATCH, EDITED_SO_FAR, NEVER_EDITED, FINAL_EDITED, FINAL_NEVER_EDITED)
