@@ -103,8 +103,14 @@ def run_variant(args, name: str, sphere: bool, model, tokenizer, pretrained, rec
         rows = [json.loads(line) for line in progress.read_text().splitlines()][: editor.batches_done]
         initial = {int(k): v for k, v in saved["initial_he"].items()}
     editor.prepare()
+    editor.timer.seconds.clear()  # the statistics are a one-off cost per model, not per edit
     batches = [records[i : i + args.batch] for i in range(0, len(records), args.batch)]
     elapsed = rows[-1]["edit_seconds"] if rows else 0.0
+    # seconds per phase (as edit_speed.py splits them), cumulative over the edits they cover
+    # (rows written before this split existed have none: those edits are not covered)
+    phase_base = dict(rows[-1].get("phase_seconds", {})) if rows else {}
+    phase_edits_base = rows[-1].get("phase_edits", 0) if rows else 0
+    first_timed_batch = editor.batches_done
     for index in range(editor.batches_done, len(batches)):
         start = time.perf_counter()
         editor.apply(batches[index])
@@ -112,10 +118,12 @@ def run_variant(args, name: str, sphere: bool, model, tokenizer, pretrained, rec
         row = {
             "variant": variant,
             "edits": editor.edits_applied,
-            **evaluate(editor.evaluate, records[: editor.edits_applied], holdout),
+            **evaluate(editor.evaluate, records[: editor.edits_applied], holdout),  # not timed: evaluation is outside the editor's timer
             **he_of_evaluated(editor, initial),
             "edit_seconds": elapsed,
             "seconds_per_edit": elapsed / editor.edits_applied,
+            "phase_seconds": {k: phase_base.get(k, 0.0) + v for k, v in editor.timer.seconds.items() if k != "statistics"},
+            "phase_edits": phase_edits_base + sum(len(b) for b in batches[first_timed_batch : index + 1]),
             "settings": {k: _plain(v) for k, v in settings.items()},
         }
         rows.append(row)

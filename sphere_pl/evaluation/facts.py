@@ -4,8 +4,10 @@ evaluator. A mixed list gets both metric sets."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ..data.records import EditRequest
@@ -37,9 +39,15 @@ class FactEvaluator(Evaluator):
         return rows
 
     def compute(self) -> dict[str, Tensor]:
+        """The used benchmarks' metrics. Under torch.distributed every benchmark is computed (each
+        compute synchronises all processes, whose shares may differ) and the empty ones dropped."""
         values: dict[str, Tensor] = {}
-        for benchmark in sorted(self.used):
-            values.update(self.evaluators[benchmark].compute())
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        for benchmark in sorted(self.evaluators if distributed else self.used):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+                computed = self.evaluators[benchmark].compute()
+            values.update({k: v for k, v in computed.items() if not (distributed and torch.isnan(v))})
         return values
 
     def reset(self) -> None:

@@ -138,7 +138,15 @@ class EditDataModule(L.LightningDataModule):
         return batch  # requests are text; tokens are made on the model's device when needed
 
     def val_dataloader(self) -> RequestChunks:
-        return RequestChunks(self.edit_requests, self.eval_requests_per_batch)
+        return RequestChunks(self._shard(self.edit_requests), self.eval_requests_per_batch)
 
     def test_dataloader(self) -> RequestChunks:
-        return RequestChunks(self.holdout_requests, self.eval_requests_per_batch)
+        return RequestChunks(self._shard(self.holdout_requests), self.eval_requests_per_batch)
+
+    def _shard(self, requests: list[EditRequest]) -> list[EditRequest]:
+        """This process's share of the evaluation records under DDP (every world_size-th one);
+        the metrics' states are summed across processes when computed. Edits are never sharded."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return requests
+        return requests[trainer.global_rank :: trainer.world_size]

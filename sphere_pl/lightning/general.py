@@ -42,13 +42,18 @@ class GeneralAbilityMonitor(L.Callback):
                 self.items[task.name] = task.load(pl_module.editor.tokenizer)
 
     def measure(self, pl_module, prefix: str, moment: str) -> dict[str, float]:
+        """Every task on this process's share of its items (all of them without DDP); the
+        metrics' states are summed across processes when computed."""
         values = {}
         editor = pl_module.editor
+        trainer = pl_module._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         with editor.timer("general"), editor.evaluation_weights():
             for task in self.tasks:
-                metrics, rows = task.evaluate_cases(editor.model, editor.tokenizer, self.items[task.name])
+                items = self.items[task.name][rank::world]
+                metrics, rows = task.evaluate_cases(editor.model, editor.tokenizer, items)
                 values.update({f"{prefix}{task.name}/{k}": float(v) for k, v in metrics.items() if not torch.isnan(v)})
-                pl_module._write_cases(protocol.GENERAL, task.name, rows, moment)
+                pl_module._write_cases(protocol.GENERAL, task.name, rows, moment, sharded=True)
         return values
 
     def setup(self, trainer, pl_module, stage: str) -> None:

@@ -224,10 +224,17 @@ class SequentialEditor(L.LightningModule):
             self._write_cases(prefix, evaluator.name, rows, moment)
         return values
 
-    def _write_cases(self, prefix: str, evaluator: str, rows: list[dict], moment: str) -> None:
-        if self.cases is None or (self._trainer is not None and not self.trainer.is_global_zero):
+    def _write_cases(self, prefix: str, evaluator: str, rows: list[dict], moment: str, sharded: bool = False) -> None:
+        """Per-case rows to `cases_dir`. Rows of records sharded across DDP processes go to one
+        file per process (`...rank<r>.jsonl`); rows every process computes, to rank 0's file only."""
+        if self.cases is None:
+            return
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if world > 1 and not sharded and rank != 0:
             return
         name = prefix.strip("/").replace("/", "-") + (f"-{evaluator}" if evaluator else "")
+        name += f".rank{rank}" if world > 1 and sharded else ""
         self.cases.write(name, rows, moment=moment, edits=self.editor.edits_applied, batches=self.editor.batches_done)
 
     def _sample(self, requests: list[EditRequest]) -> list[EditRequest]:
@@ -266,7 +273,7 @@ class SequentialEditor(L.LightningModule):
             values.update({prefix + k: float(v) for k, v in evaluator.compute().items() if not v.isnan()})
             evaluator.reset()
             name = "" if isinstance(evaluator, FactEvaluator) else evaluator.name
-            self._write_cases(prefix, name, self.final_rows.get(evaluator.name, []), "final")
+            self._write_cases(prefix, name, self.final_rows.get(evaluator.name, []), "final", sharded=True)
         self.final_rows = {}
         self.log_dict(values)
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from conftest import CONTEXT_TEMPLATES, CORPUS
-from helpers import cli_env, run_cli, save_tiny_model
+from helpers import REPO, cli_env, run_cli, save_tiny_model
 from sphere_pl import load_model_and_tokenizer
 from sphere_pl.data.readers import QUICKSTART_PATH, load_edit_requests
 from sphere_pl.evaluation.counterfact import CounterFactEvaluator
@@ -216,9 +216,9 @@ def test_patch_for_another_model_or_with_a_missing_tensor_is_refused(fitted, oth
     assert not (root / "torn").exists()
 
 
-def latest_csv_rows(directory: Path) -> list[dict]:
-    """The rows of the newest CSVLogger version under `directory`."""
-    newest = max(directory.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+def latest_csv_rows(directory: Path, which: int = -1) -> list[dict]:
+    """The rows of the newest (`which` = -1) or an earlier CSVLogger version under `directory`."""
+    newest = sorted(directory.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))[which]
     with open(newest / "metrics.csv", newline="") as f:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
@@ -247,6 +247,42 @@ def test_validate_and_test_evaluate_a_patch_without_its_checkpoint(fitted, other
     assert "patch not found" in result.stderr
     result = run_cli(["fit", "--config", fitted["config"], "--patch", str(patch)], root, env, ok=False)
     assert "--patch is for validate and test" in result.stderr
+
+
+def test_validate_on_two_ddp_processes_gives_the_single_process_metrics(fitted):
+    """Evaluation records sharded over 2 CPU processes (gloo); torchmetrics sums the states."""
+    root, run, env = fitted["root"], fitted["run"], fitted["env"]
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    cases = run / "cases"
+    for old in cases.glob("final-edited*.jsonl"):
+        old.unlink()
+    shared = REPO.parent / "shared" / "data"
+    general = write_config(root / "general.yaml", {"general": {"tasks": [
+        {"class_path": "sphere_pl.evaluation.general.NLITask", "init_args": {"path": str(shared / "general" / "test-NLI.tsv"), "limit": 7}},
+        {"class_path": "sphere_pl.evaluation.general.PerplexityTask",
+         "init_args": {"path": str(shared / "wikitext-2" / "test.txt"), "max_windows": 3, "seq_len": 32}},
+    ]}})  # fmt: skip
+    run_cli(["validate", "--config", fitted["config"], "--config", general, "--ckpt_path", ckpt], root, env)
+    single = [r for r in latest_csv_rows(run / "csv") if "final/edited/efficacy_score" in r][-1]
+    single_cases = [json.loads(line) for line in (cases / "final-edited.jsonl").read_text().splitlines()]
+
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    run_cli(["validate", "--config", fitted["config"], "--config", general, "--ckpt_path", ckpt, *ddp], root, env)
+    double = [r for r in latest_csv_rows(run / "csv") if "final/edited/efficacy_score" in r][-1]
+    single.update(next(r for r in reversed(latest_csv_rows(run / "csv", -2)) if "final/general/nli/acc" in r))
+    double.update(next(r for r in reversed(latest_csv_rows(run / "csv")) if "final/general/nli/acc" in r))
+    metrics = [k for k in single if k.startswith(("final/edited/", "final/general/"))]
+    assert len([k for k in metrics if k.startswith("final/edited/")]) == 6
+    assert {"final/general/nli/f1", "final/general/nli/mcc", "final/general/perplexity/perplexity"} <= set(metrics)
+    for key in metrics:
+        assert double[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
+
+    # each process scored its own share of the records, together all of them, once
+    shards = [[json.loads(line) for line in (cases / f"final-edited.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    ids = [{row["case_id"] for row in shard} for shard in shards]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    assert ids[0] | ids[1] == {row["case_id"] for row in single_cases}
+    assert len(shards[0]) + len(shards[1]) == len(single_cases)
 
 
 def test_resume_refuses_a_checkpoint_of_another_model_or_a_url(fitted, other_model_dir, stats_cache):
