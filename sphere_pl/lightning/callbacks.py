@@ -103,10 +103,19 @@ class EditCheckpoint(L.Callback):
 
     @staticmethod
     def _atomic_save(trainer, path: Path) -> None:
+        """Temp file, fsync, rename, fsync of the directory: a crash leaves either the old file
+        or the new one under `path`, never a torn one."""
         tmp = path.with_name(path.name + ".tmp")
         trainer.save_checkpoint(tmp, weights_only=False)  # loops, callbacks and data position too
         if trainer.is_global_zero:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
 
     def state_dict(self) -> dict:
         return {"saved": list(self.saved)}

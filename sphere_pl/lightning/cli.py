@@ -19,7 +19,11 @@ from urllib.parse import urlsplit
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningCLI
 
+from ..data.readers import EditSourceError
+from ..data.records import EditDataError
+from ..editing.editor import EditFailedError
 from ..editing.patch import PatchError
+from ..evaluation.base import EvalDataError
 from .callbacks import EditCheckpoint, HypersphericalEnergyMonitor, RunSummary
 from .datamodule import EditDataModule
 from .general import GeneralAbilityMonitor
@@ -59,6 +63,12 @@ class SphereCLI(LightningCLI):
     def before_fit(self) -> None:
         if self.config["fit"].get("patch"):
             raise SystemExit("error: --patch is for validate and test; to continue editing, resume with --ckpt_path")
+        if self.trainer.world_size > 1:
+            raise SystemExit(
+                f"error: fit edits on one process (edit batches are sequential and there are no gradients to share), "
+                f"got {self.trainer.world_size} processes; evaluate on several with validate/test --ckpt_path C "
+                "--trainer.strategy ddp --trainer.devices N"
+            )
 
     def before_validate(self) -> None:
         self._apply_patch("validate")
@@ -93,21 +103,47 @@ class SphereCLI(LightningCLI):
         return kwargs
 
 
+def _hint(error: Exception) -> str:
+    """What to do about an error sphere_pl raised itself (printed under its one-line message)."""
+    if isinstance(error, EditDataError):
+        return "fix that record, or set data.on_bad_record: skip to leave bad records out (they are named in a warning)"
+    if isinstance(error, EvalDataError):
+        return "fix that record, or set on_bad_record: skip on the task to leave bad records out (never scored)"
+    if isinstance(error, EditSourceError):
+        return "check data.source (a local JSON/JSONL file, a named source or a URL) and data.schema"
+    if isinstance(error, PatchError):
+        return "use a patch exported (sphere-pl export) from a run on this model and these base weights"
+    if isinstance(error, EditFailedError):
+        return "edits already applied and checkpoints already written are intact: resume with --ckpt_path <dir>/last.ckpt"
+    return "see the message above"
+
+
+SPHERE_ERRORS = (EditDataError, EditSourceError, EvalDataError, PatchError, EditFailedError)
+
+
 def main(args: list[str] | None = None):
+    """Run the CLI. Errors that sphere_pl raises itself (bad records, sources, patches, failed
+    edits) end with their one-line message and a hint instead of a traceback, exit status 1;
+    `SPHERE_PL_TRACEBACK=1` shows the traceback too."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in PATCH_COMMANDS:
         from .commands import run_command
 
         return run_command(argv)
     argv = None if args is None else argv  # LightningCLI reads sys.argv itself
-    return SphereCLI(
-        SequentialEditor,
-        EditDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
+    try:
+        return SphereCLI(
+            SequentialEditor,
+            EditDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+        )
+    except SPHERE_ERRORS as e:
+        if os.environ.get("SPHERE_PL_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {e}\nhint: {_hint(e)}") from None
 
 
 if __name__ == "__main__":

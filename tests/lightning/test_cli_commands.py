@@ -284,6 +284,35 @@ def test_validate_on_two_ddp_processes_gives_the_single_process_metrics(fitted):
     assert ids[0] | ids[1] == {row["case_id"] for row in single_cases}
     assert len(shards[0]) + len(shards[1]) == len(single_cases)
 
+    # editing itself stays on one process, said plainly before anything is loaded twice
+    result = run_cli(["fit", "--config", fitted["config"], *ddp], root, env, ok=False)
+    assert "fit edits on one process" in result.stderr and "validate/test" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"subject": "Nobody"}, r"error: record case_id='bad-1' in .*bad.json: field 'subject': 'Nobody' does not occur in prompt"),
+        ({"target_new": ""}, r"error: record case_id='bad-1' in .*bad.json: field 'target_new': is empty"),
+    ],
+)
+def test_a_bad_record_ends_with_one_line_and_a_hint(tiny_model_dir, stats_cache, tmp_path, record, message):
+    import re
+
+    good = {"case_id": "good-0", "prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "target_new": "Rome",
+            "ground_truth": "Paris", "rephrase_prompt": "Where is the Eiffel Tower? In", "locality_prompt": "The Louvre is in",
+            "locality_ground_truth": "Paris"}  # fmt: skip
+    bad = {**good, "case_id": "bad-1", **record}
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps([good, bad]))
+    config = run_config(tiny_model_dir, stats_cache, tmp_path / "run", data__source=str(data), data__num_holdout=0)
+    config["data"]["dataset_size_limit"] = None
+    result = run_cli(["fit", "--config", write_config(tmp_path / "c.yaml", config)], tmp_path, cli_env(tmp_path), ok=False)
+    assert re.search(message, result.stderr), result.stderr[-2000:]
+    assert "hint: fix that record, or set data.on_bad_record: skip" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any edit
+
 
 def test_resume_refuses_a_checkpoint_of_another_model_or_a_url(fitted, other_model_dir, stats_cache):
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
