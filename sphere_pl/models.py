@@ -141,6 +141,15 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded from the name or path given (the message says which and why)."""
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ("org/name" has exactly one slash and no prefix)."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or os.path.isabs(name)
+
+
 def load_model_and_tokenizer(
     name_or_path: str | None = None, dtype: str = "float32", gguf_file: str | None = None, trust_remote_code: bool = False
 ):
@@ -157,6 +166,14 @@ def load_model_and_tokenizer(
         name_or_path, gguf_file = embedded_model_path()
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    local = os.path.expanduser(str(name_or_path))
+    if _looks_like_path(str(name_or_path)) and not os.path.exists(local):
+        raise ModelLoadError(
+            f"model path not found: {name_or_path} (give a local directory written by save_pretrained, "
+            "or a Hugging Face hub name such as HuggingFaceTB/SmolLM2-135M-Instruct)"
+        )
+    if os.path.isdir(local) and not gguf_file and not os.path.isfile(os.path.join(local, "config.json")):
+        raise ModelLoadError(f"{name_or_path} is a directory without config.json: not a saved Hugging Face model")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=parse_dtype(dtype), **kwargs)
     prepare_tokenizer(tokenizer)

@@ -17,6 +17,7 @@ naming its case_id (or ``#index`` when it has none) and the offending field.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -277,6 +278,48 @@ def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
+def check_json_syntax(path: Path) -> None:
+    """Fail early, naming the record and line, on what `datasets` would report as a byte offset:
+    an empty file, an empty list, and malformed JSON (one array of records, or JSON lines)."""
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise EditSourceError(f"edit data file {path} is empty: expected a JSON list of records, or one record per line")
+    decoder = json.JSONDecoder()
+    start = len(text) - len(text.lstrip())
+    if text[start] == "[":  # one array: decode record by record to say which one is broken
+        pos, index = start + 1, 0
+        while True:
+            pos = _skip_space(text, pos)
+            if text.startswith("]", pos):
+                if index == 0:
+                    raise EditSourceError(f"edit data file {path} holds an empty list: no records to edit")
+                return
+            try:
+                _, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise EditSourceError(f"{path}: record #{index}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            index += 1
+            pos = _skip_space(text, pos)
+            if text.startswith(",", pos):
+                pos += 1
+            elif not text.startswith("]", pos):
+                line = text.count("\n", 0, pos) + 1
+                raise EditSourceError(f"{path}: after record #{index - 1}: expected ',' or ']' at line {line}: the list is not closed or a comma is missing")
+    else:  # JSON lines
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise EditSourceError(f"{path}: line {number}: invalid JSON at column {e.colno}: {e.msg}") from None
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
 def _load_records(source: str, cache_dir: str | None) -> datasets.Dataset:
     if not _is_url(source):
         path = Path(source)
@@ -284,6 +327,8 @@ def _load_records(source: str, cache_dir: str | None) -> datasets.Dataset:
             raise FileNotFoundError(f"edit data file not found: {source}")
         if not path.is_file():
             raise EditSourceError(f"edit data source is not a file: {source}")
+        if path.suffix in (".json", ".jsonl", ".jsonlines", ""):
+            check_json_syntax(path)
     cache = os.path.expanduser(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR)
     try:
         ds = datasets.load_dataset("json", data_files=source, split="train", cache_dir=cache)

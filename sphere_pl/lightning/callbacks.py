@@ -139,6 +139,11 @@ class RunSummary(L.Callback):
         directory.mkdir(parents=True, exist_ok=True)
         rows = [dict(row) for row in pl_module.progress_history]
         final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(protocol.FINAL_EDITED)}
+        if not final and not pl_module.final_evaluated and trainer.limit_val_batches != 0 and pl_module.editor.batches_done:
+            final = pl_module.evaluate_final()  # resumed after the last batch: Lightning skipped the validation
+            for logger in trainer.loggers:
+                logger.log_metrics(final, step=pl_module.editor.batches_done - 1)
+            final.pop("edits", None)
         last = rows[-1] if rows else {}
         he = {
             key.split("/", 1)[1]: {"he": last.get(f"he/{key.split('/', 1)[1]}"), "he_delta": last[key], "he_relative": last.get(f"he_relative/{key.split('/', 1)[1]}")}

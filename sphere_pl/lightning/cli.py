@@ -24,6 +24,7 @@ from ..data.records import EditDataError
 from ..editing.editor import EditFailedError
 from ..editing.patch import PatchError
 from ..evaluation.base import EvalDataError
+from ..models import ModelLoadError
 from .callbacks import EditCheckpoint, HypersphericalEnergyMonitor, RunSummary
 from .datamodule import EditDataModule
 from .general import GeneralAbilityMonitor
@@ -98,9 +99,30 @@ class SphereCLI(LightningCLI):
         ckpt_path = kwargs.get("ckpt_path")
         if ckpt_path and urlsplit(str(ckpt_path)).scheme not in ("", "file"):
             raise SystemExit(f"error: --ckpt_path {ckpt_path!r} is a URL; download it and pass a local file (checkpoints are never fetched)")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            check_checkpoint_file(str(ckpt_path))
         if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
             kwargs["weights_only"] = True
         return kwargs
+
+
+def check_checkpoint_file(path: str) -> None:
+    """A missing file or one that is not a torch checkpoint, named before anything is loaded."""
+    if not os.path.isfile(path):
+        raise SystemExit(
+            f"error: checkpoint not found: {path}\nhint: runs write <checkpoint.dirpath>/last.ckpt after every edit batch; "
+            "a run stopped before its first batch finished has none: start it again without --ckpt_path"
+        )
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip format, or a legacy pickle
+        return
+    stripped = head.lstrip()
+    kind = "a JSON file" if stripped[:1] in (b"{", b"[") else "a safetensors file" if head[8:9] == b"{" else "not a torch checkpoint"
+    raise SystemExit(
+        f"error: {path} is {kind}, not a sphere_pl checkpoint (written by fit as <checkpoint.dirpath>/*.ckpt)"
+        + ("\nhint: an exported edit patch is evaluated with --patch, not --ckpt_path" if "safetensors" in kind else "")
+    )
 
 
 def _hint(error: Exception) -> str:
@@ -113,12 +135,14 @@ def _hint(error: Exception) -> str:
         return "check data.source (a local JSON/JSONL file, a named source or a URL) and data.schema"
     if isinstance(error, PatchError):
         return "use a patch exported (sphere-pl export) from a run on this model and these base weights"
+    if isinstance(error, ModelLoadError):
+        return "set model.model_name_or_path to a saved model directory or a hub name (null: the embedded SmolLM2)"
     if isinstance(error, EditFailedError):
         return "edits already applied and checkpoints already written are intact: resume with --ckpt_path <dir>/last.ckpt"
     return "see the message above"
 
 
-SPHERE_ERRORS = (EditDataError, EditSourceError, EvalDataError, PatchError, EditFailedError)
+SPHERE_ERRORS = (EditDataError, EditSourceError, EvalDataError, PatchError, EditFailedError, ModelLoadError)
 
 
 def main(args: list[str] | None = None):

@@ -109,6 +109,7 @@ class SequentialEditor(L.LightningModule):
         self.final_evals: list[Evaluator] = [FactEvaluator("", scoring_batch_size), *self.evaluators]
         self.final_rows: dict[str, list[dict]] = {}
         self.pending_patch: Patch | None = None
+        self.final_evaluated = False
         self.progress_history: list[dict[str, float]] = []
         self.edited_requests: list[EditRequest] = []
 
@@ -268,6 +269,10 @@ class SequentialEditor(L.LightningModule):
                 self.final_rows.setdefault(evaluator.name, []).extend(rows)
 
     def _log_final(self, prefix: str) -> None:
+        self.log_dict(self._final_values(prefix))
+        self.final_evaluated = True
+
+    def _final_values(self, prefix: str) -> dict[str, float]:
         values = {"edits": float(self.editor.edits_applied)}
         for evaluator in self.final_evals:
             values.update({prefix + k: float(v) for k, v in evaluator.compute().items() if not v.isnan()})
@@ -275,7 +280,16 @@ class SequentialEditor(L.LightningModule):
             name = "" if isinstance(evaluator, FactEvaluator) else evaluator.name
             self._write_cases(prefix, name, self.final_rows.get(evaluator.name, []), "final", sharded=True)
         self.final_rows = {}
-        self.log_dict(values)
+        return values
+
+    def evaluate_final(self) -> dict[str, float]:
+        """The end-of-fit evaluation of every edited fact, run directly. A run resumed from the
+        checkpoint of its last batch has no edits left, and Lightning then skips the loop and the
+        validation at its end; `RunSummary` calls this so that such a run still ends evaluated."""
+        for batch in self.trainer.datamodule.val_dataloader():
+            self._final_update(batch)
+        self.final_evaluated = True
+        return self._final_values(protocol.FINAL_EDITED)
 
     # ------------------------------------------------------------ patches
     def apply_patch(self, path: str) -> None:

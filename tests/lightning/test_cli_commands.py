@@ -314,6 +314,44 @@ def test_a_bad_record_ends_with_one_line_and_a_hint(tiny_model_dir, stats_cache,
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any edit
 
 
+def test_resuming_a_finished_run_still_ends_with_its_final_evaluation(fitted):
+    root, run, env = fitted["root"], fitted["run"], fitted["env"]
+    again = root / "resumed-at-end"
+    args = ["fit", "--config", fitted["config"], "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+            "--trainer.default_root_dir", str(again), "--model.cases_dir", str(again / "cases")]  # fmt: skip
+    result = run_cli(args, root, env)
+    assert "sphere_pl run summary: 12 edits in 3 batches" in result.stdout
+    original = json.loads((run / "summary.json").read_text())["final"]
+    resumed = json.loads((again / "summary.json").read_text())["final"]
+    assert resumed.keys() == original.keys() and len(resumed) == 6
+    assert resumed == pytest.approx(original, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ckpt_path", "{root}/missing.ckpt"], "checkpoint not found: {root}/missing.ckpt\nhint: runs write"),
+        (["--ckpt_path", "{config}"], "is not a torch checkpoint"),
+        (["--ckpt_path", "{root}/edits.json"], "is a JSON file, not a sphere_pl checkpoint"),
+        (["--model.model_name_or_path", "{root}/no-such-model"], "model path not found: {root}/no-such-model"),
+        (["--data.source", "{root}/empty.json"], "empty.json is empty: expected a JSON list of records"),
+        (["--data.source", "{root}/empty-list.json"], "empty-list.json holds an empty list: no records to edit"),
+        (["--data.source", "{root}/broken.json"], "broken.json: record #1: invalid JSON at line 3, column 17"),
+    ],
+)
+def test_unclear_messages_found_by_new_users_are_now_one_clear_line(fitted, tmp_path, args, message):
+    (tmp_path / "empty.json").write_text("")
+    (tmp_path / "empty-list.json").write_text("[]\n")
+    (tmp_path / "edits.json").write_text('{"not": "a checkpoint"}')
+    (tmp_path / "broken.json").write_text('[{"case_id": 1, "prompt": "x"},\n {"case_id": 2,\n  "prompt": "y" "subject": "z"}]')
+    fill = {"root": str(tmp_path), "config": fitted["config"]}
+    argv = ["fit", "--config", fitted["config"], "--trainer.default_root_dir", str(tmp_path / "run"), *[a.format(**fill) for a in args]]
+    result = run_cli(argv, tmp_path, fitted["env"], ok=False)
+    assert message.format(**fill) in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_resume_refuses_a_checkpoint_of_another_model_or_a_url(fitted, other_model_dir, stats_cache):
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
     other_root = root / "other"
