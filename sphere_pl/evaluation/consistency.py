@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.records import EditRequest
-from .fluency import RunningMean
+from .base import RunningMean
 
 #: scikit-learn's default token pattern (TfidfVectorizer / CountVectorizer)
 TOKEN_PATTERN = re.compile(r"(?u)\b\w\w+\b")

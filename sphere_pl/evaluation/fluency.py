@@ -32,9 +32,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-import torch
-from torch import Tensor
-from torchmetrics import Metric, MetricCollection
+from .base import RunningMean
 
 # ---------------------------------------------------------------------------------------
 # word tokens (an approximation of nltk.word_tokenize; see the module docstring)
@@ -131,37 +129,6 @@ def mean_ngram_entropy(texts: Iterable[str], **kwargs) -> float:
 
 # ---------------------------------------------------------------------------------------
 # metrics
-
-
-class RunningMean(Metric):
-    """Mean of the values given to `update` (one per record or prompt), kept as a sum and a count
-    so that it accumulates over batches and reduces across processes by summing."""
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, values: Tensor | Sequence[float] | float) -> None:
-        values = torch.as_tensor(values, dtype=torch.float64, device=self.total.device).detach().flatten()
-        if torch.isnan(values).any():
-            raise ValueError(f"{type(self).__name__} got NaN; leave unscored records out instead")
-        self.total += values.sum()
-        self.count += values.numel()
-
-    def compute(self) -> Tensor:
-        """The mean of every value seen; NaN when none were."""
-        return (self.total / self.count).float()
-
-
-def compute_or_nan(metrics: MetricCollection) -> dict[str, Tensor]:
-    """Each metric's value, NaN for one never updated (e.g. consistency with no references),
-    without torchmetrics' warning about computing before updating."""
-    return {name: m.compute() if m.update_count else torch.tensor(math.nan) for name, m in metrics.items()}
 
 
 class Fluency(RunningMean):

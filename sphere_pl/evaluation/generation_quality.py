@@ -27,7 +27,8 @@ from torchmetrics import MetricCollection
 from ..data.records import EditRequest
 from .base import Evaluator
 from .consistency import Consistency, ReferenceTexts, TfidfModel
-from .fluency import Fluency, compute_or_nan, mean_ngram_entropy
+from .base import compute_or_nan
+from .fluency import Fluency, mean_ngram_entropy
 from .generation import generate_continuations
 
 

@@ -21,7 +21,7 @@ from torchmetrics import MetricCollection
 
 from ..data.records import EditRequest
 from .base import Evaluator
-from .fluency import RunningMean, compute_or_nan
+from .base import RunningMean, compute_or_nan
 from .generation import generate_continuations
 
 

@@ -21,39 +21,26 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MetricCollection
 
 from ..data.records import EditRequest
-from .base import Evaluator
+from .base import Evaluator, RunningMean
 from .scoring import score_targets
 
 ZSRE_GROUPS = ("efficacy", "generalization", "specificity")
 
 
-class TokenAccuracy(Metric):
-    """Mean over prompts of their top-1 token accuracy (0..1)."""
+class TokenAccuracy(RunningMean):
+    """Mean over prompts of their top-1 token accuracy (0..1); NaN when no prompt was seen."""
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
     def update(self, accuracy: Tensor) -> None:
-        accuracy = accuracy.detach().flatten().double()
+        accuracy = accuracy.detach().flatten()
         if accuracy.numel() and (accuracy.min() < 0 or accuracy.max() > 1):
             raise ValueError("token accuracies must lie in [0, 1]")
-        self.total += accuracy.sum().to(self.total.device)
-        self.count += accuracy.numel()
-
-    def compute(self) -> Tensor:
-        """NaN when no prompt was seen."""
-        return (self.total / self.count).float()
+        super().update(accuracy)
 
 
 def zsre_metrics(prefix: str = "") -> MetricCollection:

@@ -256,7 +256,8 @@ def test_not_json(tmp_path, cache):
     with pytest.raises(EditSourceError) as info:
         load_edit_requests(str(path), cache_dir=cache)
     assert str(path) in str(info.value)
-    assert info.value.__cause__ is not None
+    # read as JSON lines (it does not open a list): the line and column, not a byte offset
+    assert "line 1: invalid JSON at column 1: Expecting value" in str(info.value)
 
 
 def test_empty_file(tmp_path, cache):

@@ -23,9 +23,9 @@ from sphere_pl.evaluation.consistency import (
     read_corpus,
     tfidf_similarity,
 )
+from sphere_pl.evaluation.base import compute_or_nan
 from sphere_pl.evaluation.fluency import (
     Fluency,
-    compute_or_nan,
     mean_ngram_entropy,
     ngram_entropy,
     word_tokens,
