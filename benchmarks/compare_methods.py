@@ -1,7 +1,7 @@
 """Every editing method with and without the SPHERE projection, side by side, on the same
 sequence of CounterFact edits (SmolLM2-135M-Instruct by default).
 
-    python benchmarks/compare_methods.py --edits 200 --batch 20            # all 12 variants
+    python benchmarks/compare_methods.py --edits 200 --batch 20 --rome-edits 100   # all 12 variants
     python benchmarks/compare_methods.py --methods memit rect --edits 40   # a subset
 
 For each variant (method x {plain, sphere}) it edits the first `--edits` records of
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=METHOD_NAMES, choices=METHOD_NAMES)
     parser.add_argument("--edits", type=int, default=200)
     parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--rome-edits", type=int, default=None, help="ROME edits request by request: it may run on fewer edits (default: --edits)")
     parser.add_argument("--holdout", type=int, default=50, help="never-edited records whose neighborhood prompts are scored")
     parser.add_argument("--data", default=str(SHARED / "counterfact" / "counterfact-val.json"))
     parser.add_argument("--model", default=None, help="hub name or local path (default: the embedded SmolLM2-135M-Instruct)")
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         for sphere in (False, True):
             variant = f"{name}+sphere" if sphere else name
             variant_start = time.perf_counter()
-            results[variant] = run_variant(args, name, sphere, model, tokenizer, pretrained, edited, holdout)
+            mine = edited[: args.rome_edits] if name == "rome" and args.rome_edits else edited
+            results[variant] = run_variant(args, name, sphere, model, tokenizer, pretrained, mine, holdout)
             print(f"{variant}: done in {time.perf_counter() - variant_start:.0f} s", flush=True)
     out = Path(args.out)
     table = write_table(results, out / "table.md")

@@ -4,6 +4,7 @@
     python benchmarks/edit_speed.py --reference          # per-request value optimisation with full forward passes
     python benchmarks/edit_speed.py --fresh-stats        # also time the key statistics (empty cache)
     python benchmarks/edit_speed.py --hparams paper --data counterfact   # the paper's LLaMA3-8B settings, real CounterFact
+    python benchmarks/edit_speed.py --method memit --batch 20 --edits 40 --data counterfact   # any registered method
 
 It runs the real Lightning loop (SequentialEditor + EditDataModule, CSV logging, no
 checkpoints) and reads the editor's phase timer. Statistics are a one-off cost per model
@@ -21,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from sphere_pl import AlphaEdit, EditDataModule, HypersphericalEnergyMonitor, SequentialEditor, SphereProjection
+from sphere_pl import EditDataModule, create_method, HypersphericalEnergyMonitor, SequentialEditor, SphereProjection
 from sphere_pl.editing import values as values_module
 from sphere_pl.editing.stats import KeyStatistics
 from sphere_pl.editing.values import ValueOptimization
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--fresh-stats", action="store_true", help="compute key statistics into an empty cache")
     parser.add_argument("--stats-samples", type=int, default=200)
     parser.add_argument("--hparams", choices=sorted(HPARAMS), default="quickstart", help="value-optimisation settings")
+    parser.add_argument("--method", default="alphaedit", help="a registered method (alphaedit, memit, rect, prune, rome, ft)")
     parser.add_argument("--data", default="quickstart", help="quickstart, or 'counterfact' for real CounterFact records (../shared/data)")
     args = parser.parse_args()
 
@@ -66,12 +68,16 @@ def main() -> None:
         assert values_module_fast is not reference
 
     cache = tempfile.mkdtemp() if args.fresh_stats else "~/.cache/sphere_pl/stats"
-    method = AlphaEdit(
-        values=ValueOptimization(num_grad_steps=args.steps, **HPARAMS[args.hparams]),
-        stats=KeyStatistics(corpus=str(CORPUS), num_samples=args.stats_samples, seq_len=256, cache_dir=cache),
-    )
+    values = ValueOptimization(num_grad_steps=args.steps, **HPARAMS[args.hparams])
+    stats = KeyStatistics(corpus=str(CORPUS), num_samples=args.stats_samples, seq_len=256, cache_dir=cache)
+    if args.method == "ft":  # one down_proj (LLaMA3: layer 21 of 32; SmolLM2: 20 of 30), no statistics
+        method = create_method("ft", layer=20, num_steps=args.steps)
+    elif args.method == "rome":
+        method = create_method("rome", layer=5, values=values, stats=stats)
+    else:
+        method = create_method(args.method, values=values, stats=stats)
     start = time.perf_counter()
-    editor = SequentialEditor(method=method, filters=[SphereProjection(0.5, 0.5)], eval_every=1)
+    editor = SequentialEditor(method=method, filters=[SphereProjection(0.5, method.sphere_strength)], eval_every=1)
     load_s = time.perf_counter() - start
     source = str(COUNTERFACT) if args.data == "counterfact" else args.data
     data = EditDataModule(source=source, num_edits=args.batch, dataset_size_limit=args.edits, num_holdout=2, shuffle=False)
@@ -99,7 +105,7 @@ def main() -> None:
     per_edit = total - setup_s
     print(f"device: {editor.editor.lm.device}, torch threads: {torch.get_num_threads()}, model load {load_s:.1f} s")
     print(f"mode: {'reference (per request, full forward passes)' if args.reference else 'fast (batched, prefix-cached)'}; "
-          f"{n} edits from {args.data} in batches of {args.batch}, {args.steps} value steps, {args.hparams} hyper-parameters "
+          f"{args.method}, {n} edits from {args.data} in batches of {args.batch}, {args.steps} value steps, {args.hparams} hyper-parameters "
           f"{HPARAMS[args.hparams]}")
     print(f"one-off: statistics {statistics_s:.1f} s ({'forced to compute' if args.fresh_stats else 'computed only when not cached'}), "
           f"other set-up {setup_s - statistics_s:.1f} s")
