@@ -22,11 +22,15 @@ from torch import nn
 
 from ..data.records import EditDataError, EditRequest
 from ..evaluation.facts import FactEvaluator
-from ..models import linear_weight, prepare_tokenizer, resolve_templates, set_linear_weight, tensors_digest
+from ..models import has_module, linear_weight, prepare_tokenizer, resolve_templates, set_linear_weight, tensors_digest
 from .lm import LoadedModel
 from .methods.base import EditMethod, create_method
 from .patch import ModuleChange, Patch, PatchError, base_fingerprint, edited_digest
 from .writer import DeltaFilter, WeightWriter
+
+
+class SettingsError(ValueError):
+    """Settings that do not fit the model (e.g. a layer index it does not have); raised before any edit."""
 
 
 class EditFailedError(RuntimeError):
@@ -68,6 +72,14 @@ class Editor:
         self.filters = [SphereProjection(0.5, self.method.sphere_strength)] if filters is None else list(filters)
         self.writer = WeightWriter(self.lm, [*self.method.delta_filters(), *self.filters])
         self.edited_modules = self.method.edited_modules(self.lm.templates)
+        missing = [name for name in self.edited_modules if not has_module(model, name)]
+        if missing:
+            layers = self.lm.templates.layers
+            count = len(model.get_submodule(layers)) if has_module(model, layers) else "an unknown number of"
+            raise SettingsError(
+                f"{self.method.name} edits {missing}, which the model does not have: it has {count} layers "
+                f"(indices 0..{count - 1 if isinstance(count, int) else '?'}); set the method's layers (or layer) to existing indices"
+            )
         self.base_fingerprint = base_fingerprint(model, self.edited_modules)
         self.base_digest = edited_digest(model, self.edited_modules)
         self.history_size = history_size

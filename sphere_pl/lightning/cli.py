@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from ..data.readers import EditSourceError
 from ..data.records import EditDataError
-from ..editing.editor import EditFailedError
+from ..editing.editor import EditFailedError, SettingsError
 from ..editing.patch import PatchError
 from ..evaluation.base import EvalDataError
 from ..models import ModelLoadError
@@ -135,6 +135,8 @@ def _hint(error: Exception) -> str:
         return "check data.source (a local JSON/JSONL file, a named source or a URL) and data.schema"
     if isinstance(error, PatchError):
         return "use a patch exported (sphere-pl export) from a run on this model and these base weights"
+    if isinstance(error, SettingsError):
+        return "change model.method.init_args (e.g. layers: [4, 5, 6, 7, 8] fits a model with at least 9 layers)"
     if isinstance(error, ModelLoadError):
         return "set model.model_name_or_path to a saved model directory or a hub name (null: the embedded SmolLM2)"
     if isinstance(error, EditFailedError):
@@ -142,7 +144,7 @@ def _hint(error: Exception) -> str:
     return "see the message above"
 
 
-SPHERE_ERRORS = (EditDataError, EditSourceError, EvalDataError, PatchError, EditFailedError, ModelLoadError)
+SPHERE_ERRORS = (EditDataError, EditSourceError, EvalDataError, PatchError, EditFailedError, ModelLoadError, SettingsError)
 
 
 def main(args: list[str] | None = None):

@@ -337,6 +337,7 @@ def test_resuming_a_finished_run_still_ends_with_its_final_evaluation(fitted):
         (["--data.source", "{root}/empty.json"], "empty.json is empty: expected a JSON list of records"),
         (["--data.source", "{root}/empty-list.json"], "empty-list.json holds an empty list: no records to edit"),
         (["--data.source", "{root}/broken.json"], "broken.json: record #1: invalid JSON at line 3, column 17"),
+        (["--model.method.init_args.layers", "[1, 99]"], "alphaedit edits ['model.layers.99.mlp.down_proj'], which the model does not have: it has 4 layers"),
     ],
 )
 def test_unclear_messages_found_by_new_users_are_now_one_clear_line(fitted, tmp_path, args, message):
