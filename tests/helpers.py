@@ -88,3 +88,15 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str], ok: bool = True) ->
     else:
         assert result.returncode != 0, f"sphere_pl {args} should have failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
+
+
+def brute_force_accuracy(model, tok, prompt: str, target: str) -> float:
+    """Top-1 token accuracy of " " + target after prompt: one full forward, argmax position by position."""
+    import torch
+
+    prompt_ids = tok(prompt).input_ids
+    target_ids = tok(" " + target, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + target_ids])).logits[0]
+    n = len(prompt_ids)
+    return sum(int(logits[n + j - 1].argmax()) == t for j, t in enumerate(target_ids)) / len(target_ids)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_llama, tiny_tokenizer
+from helpers import brute_force_accuracy, tiny_llama, tiny_tokenizer
 from sphere_pl.data.readers import load_edit_requests
 from sphere_pl.data.records import EditDataError, EditRequest
 from sphere_pl.evaluation import FactEvaluator, ZsREEvaluator, score_targets
@@ -23,15 +23,6 @@ needs_data = pytest.mark.skipif(not ZSRE.is_file(), reason=f"shared data not fou
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_llama(), tiny_tokenizer()
-
-
-def brute_force_accuracy(model64, tok, prompt: str, target: str) -> float:
-    prompt_ids = tok(prompt).input_ids
-    target_ids = tok(" " + target, add_special_tokens=False).input_ids
-    with torch.no_grad():
-        logits = model64(torch.tensor([prompt_ids + target_ids])).logits[0]
-    n = len(prompt_ids)
-    return sum(int(logits[n + j - 1].argmax()) == t for j, t in enumerate(target_ids)) / len(target_ids)
 
 
 def test_token_accuracy_matches_a_brute_force_loop(tiny):

@@ -8,8 +8,8 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
+from helpers import brute_force_accuracy
 from sphere_pl import load_model_and_tokenizer
 from sphere_pl.data.records import EditRequest
 from sphere_pl.evaluation import score_targets
@@ -27,15 +27,6 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def smollm2():
     return load_model_and_tokenizer(None)
-
-
-def brute_force_accuracy(model, tok, prompt: str, target: str) -> float:
-    prompt_ids = tok(prompt).input_ids
-    target_ids = tok(" " + target, add_special_tokens=False).input_ids
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids + target_ids])).logits[0]
-    n = len(prompt_ids)
-    return sum(int(logits[n + j - 1].argmax()) == t for j, t in enumerate(target_ids)) / len(target_ids)
 
 
 def test_token_accuracy_on_known_facts_matches_brute_force(smollm2):

@@ -16,18 +16,10 @@ from sphere_pl import GeneralAbilityMonitor, HEAnalysis, HypersphericalEnergyMon
 from sphere_pl.evaluation.general import NLITask, PerplexityTask, ReasoningTask
 from sphere_pl.evaluation.generative_efficacy import GenerativeEfficacyEvaluator
 from sphere_pl.lightning import EditDataModule
-from test_run import NUM_EDITS, csv_logger, logged_rows, quickstart_data
+from test_run import NUM_EDITS, csv_logger, logged_rows, quickstart_data, single_torch_thread  # noqa: F401 (autouse fixture)
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (SHARED / "general").is_dir(), reason=f"shared data not found at {SHARED}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tasks():
