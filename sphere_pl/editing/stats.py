@@ -13,8 +13,11 @@ import hashlib
 import itertools
 import logging
 import os
+import re
+import zipfile
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -22,6 +25,13 @@ from ..models import ModuleTemplates, weights_fingerprint
 from ..tracing import capture
 
 log = logging.getLogger(__name__)
+
+ACCUMULATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MOM2_FILE = re.compile(r"^(?P<module>.+)_(?P<dtype>float16|float32|float64)_mom2(?:_t[^_]*)?(?:_(?P<samples>\d+))?\.npz$")
+
+
+class StatisticsFileError(ValueError):
+    """A published statistics file that does not fit the model or layer (names file, field and fix)."""
 
 
 @dataclass
@@ -31,6 +41,13 @@ class KeyStatistics:
     `corpus` is a Hugging Face hub dataset name (read with `corpus_config` / `split` /
     `text_field`) or local text: a file, a directory of .txt files, or a glob.
     `num_samples` counts token sequences of `seq_len` tokens (the paper: 100k Wikipedia samples).
+
+    `from_file` reads C0 instead of computing it: a second-moment file as the ROME, MEMIT,
+    AlphaEdit and SPHERE code bases write and share (`<module>_<dtype>_mom2_<n>.npz`, with
+    `mom2.mom2` the sum of k kᵀ and `mom2.count` the number of keys), or a directory searched
+    (recursively) for the edited modules' files. When several sample counts are present,
+    the one equal to `num_samples` is used. `accumulate_dtype` is the precision of the running
+    sums when C0 is computed (the forward runs in the model's dtype).
     """
 
     corpus: str = "wikitext"
@@ -41,6 +58,12 @@ class KeyStatistics:
     seq_len: int = 256
     batch_size: int = 8
     cache_dir: str = "~/.cache/sphere_pl/stats"
+    from_file: str | None = None
+    accumulate_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.accumulate_dtype not in ACCUMULATE_DTYPES:
+            raise ValueError(f"stats.accumulate_dtype must be one of {sorted(ACCUMULATE_DTYPES)}, got {self.accumulate_dtype!r}")
 
 
 def _local_files(corpus: str) -> list[str] | None:
@@ -116,6 +139,8 @@ def _load_cached(path: str, fingerprint: str) -> torch.Tensor | None:
 def second_moments(model, tokenizer, templates: ModuleTemplates, layers: list[int], cfg: KeyStatistics, model_id: str) -> dict[int, torch.Tensor]:
     """C0 (d_in x d_in, float32, on CPU) for each layer, from the cache where it is valid."""
     names = {layer: templates.down_proj_at(layer) for layer in layers}
+    if cfg.from_file:
+        return {layer: read_published_moment(cfg.from_file, names[layer], _in_features(model, names[layer]), cfg.num_samples) for layer in layers}
     fingerprints = {layer: model_fingerprint(model, templates, layer) for layer in layers}
     paths = {layer: _cache_path(cfg, model_id, names[layer]) for layer in layers}
     result = {layer: _load_cached(paths[layer], fingerprints[layer]) for layer in layers}
@@ -138,7 +163,7 @@ def second_moments(model, tokenizer, templates: ModuleTemplates, layers: list[in
             ids = torch.tensor(chunk, device=device)
             found = capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, inputs_of=[names[layer] for layer in missing], stop_after=stop)
             for layer in missing:
-                keys = found[("in", names[layer])].flatten(0, -2).float()
+                keys = found[("in", names[layer])].flatten(0, -2).to(ACCUMULATE_DTYPES[cfg.accumulate_dtype])
                 moment = keys.T @ keys
                 sums[layer] = moment if sums[layer] is None else sums[layer] + moment
             count += ids.numel()
@@ -149,9 +174,102 @@ def second_moments(model, tokenizer, templates: ModuleTemplates, layers: list[in
         log.warning("corpus %s ran out after %d of %d sequences", cfg.corpus, bar.n, cfg.num_samples)
 
     for layer in missing:
-        result[layer] = (sums[layer] / count).cpu()
+        result[layer] = (sums[layer] / count).float().cpu()
         os.makedirs(os.path.dirname(paths[layer]), exist_ok=True)
         tmp = paths[layer] + ".tmp"
         torch.save({"second_moment": result[layer], "fingerprint": fingerprints[layer], "tokens": count, "config": asdict(cfg), "model": model_id}, tmp)
         os.replace(tmp, paths[layer])
     return result
+
+
+# ------------------------------------------------------------ published statistics files
+
+
+def _in_features(model, module_name: str) -> int:
+    from ..models import linear_weight
+
+    return linear_weight(model.get_submodule(module_name)).shape[1]
+
+
+def mom2_file_name(module_name: str, dtype: str, num_samples: int) -> str:
+    """The official code bases' name for a module's second-moment file."""
+    return f"{module_name}_{dtype}_mom2_{num_samples}.npz"
+
+
+def write_mom2_file(directory: str, module_name: str, mom2_sum: torch.Tensor, count: int, dtype: str, num_samples: int) -> str:
+    """Write a second-moment file in the official format (`mom2.mom2` = Σ k kᵀ, `mom2.count`)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, mom2_file_name(module_name, dtype, num_samples))
+    np.savez(
+        path,
+        **{"mom2.constructor": np.array("util.runningstats.SecondMoment()"), "mom2.count": np.array(count), "mom2.mom2": mom2_sum.to(getattr(torch, dtype)).numpy()},
+    )
+    return path
+
+
+def find_mom2_file(from_file: str, module_name: str, num_samples: int) -> str:
+    """The statistics file for `module_name` under `from_file` (a file or a directory)."""
+    path = os.path.expanduser(from_file)
+    if os.path.isfile(path):
+        match = MOM2_FILE.match(os.path.basename(path))
+        if match and match["module"] != module_name:
+            raise StatisticsFileError(
+                f"stats.from_file {path} holds statistics of module {match['module']!r}, but {module_name!r} is edited: "
+                "point stats.from_file at the directory that holds one file per edited module"
+            )
+        return path
+    if not os.path.isdir(path):
+        raise StatisticsFileError(f"stats.from_file {path} does not exist (give a .npz file or a directory of them)")
+    found = []
+    for candidate in sorted(glob.glob(os.path.join(path, "**", "*.npz"), recursive=True)):
+        match = MOM2_FILE.match(os.path.basename(candidate))
+        if match and match["module"] == module_name:
+            found.append((candidate, match["samples"]))
+    if not found:
+        raise StatisticsFileError(
+            f"stats.from_file {path} has no file for module {module_name!r} (expected a name like "
+            f"{mom2_file_name(module_name, 'float32', num_samples)}): check the model's layers and the directory"
+        )
+    exact = [c for c, n in found if n is not None and int(n) == num_samples]
+    if len(exact) == 1 or len(found) == 1:
+        return (exact or [found[0][0]])[0]
+    raise StatisticsFileError(
+        f"stats.from_file {path} has several files for {module_name!r} {[os.path.basename(c) for c, _ in found]}: "
+        "set stats.num_samples to the sample count of the one to use"
+    )
+
+
+def read_published_moment(from_file: str, module_name: str, d_in: int, num_samples: int) -> torch.Tensor:
+    """C0 = mom2 / count (float32, CPU) from an official-format file, checked against the layer.
+    Read with `allow_pickle=False`: no code in the file runs."""
+    path = find_mom2_file(from_file, module_name, num_samples)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            fields = set(data.files)
+            missing = [f for f in ("mom2.mom2", "mom2.count") if f not in fields]
+            if missing:
+                raise StatisticsFileError(f"{path}: field {missing[0]!r} is missing (fields: {sorted(fields)}): not a second-moment file of the official code")
+            mom2, count = data["mom2.mom2"], data["mom2.count"]
+    except StatisticsFileError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise StatisticsFileError(f"{path} is not a readable .npz statistics file ({str(e).splitlines()[0][:200]})") from None
+    if mom2.dtype not in (np.float16, np.float32, np.float64):
+        raise StatisticsFileError(f"{path}: field 'mom2.mom2' has dtype {mom2.dtype}; expected float16, float32 or float64")
+    if mom2.shape != (d_in, d_in):
+        raise StatisticsFileError(
+            f"{path}: field 'mom2.mom2' has shape {tuple(mom2.shape)}, but {module_name} takes {d_in} inputs, so C0 is "
+            f"({d_in}, {d_in}): the file was computed for another model or module"
+        )
+    if count.shape != () or not np.issubdtype(count.dtype, np.integer) or int(count) <= 0:
+        raise StatisticsFileError(f"{path}: field 'mom2.count' is {count!r}; expected a positive integer (the number of keys summed)")
+    moment = torch.from_numpy(mom2.astype(np.float64)) / int(count)
+    if not bool(torch.isfinite(moment).all()):
+        raise StatisticsFileError(f"{path}: field 'mom2.mom2' holds non-finite values")
+    asymmetry = float((moment - moment.T).abs().max())
+    if asymmetry > 1e-3 * float(moment.abs().max()):
+        raise StatisticsFileError(f"{path}: field 'mom2.mom2' is not symmetric (max |C - Cᵀ| = {asymmetry:.3g}): not a second moment")
+    if int(count) < d_in:
+        log.warning("%s sums only %d keys for a %d-dimensional C0: it is rank-deficient", path, int(count), d_in)
+    log.info("read C0 of %s from %s (%d keys)", module_name, path, int(count))
+    return moment.float()

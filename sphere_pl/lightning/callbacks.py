@@ -12,10 +12,12 @@ import os
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from ..evaluation import protocol
 from ..sphere.hyperspherical import hyperspherical_energy
+from .checkpoint_io import SafetensorsCheckpointIO
 
 
 class HypersphericalEnergyMonitor(L.Callback):
@@ -73,9 +75,9 @@ class EditCheckpoint(L.Callback):
     """Writes `edits-<n>.ckpt` every `every_n_batches` edit batches (and after the last) plus
     `last.ckpt`, keeping the newest `keep_last` numbered ones.
 
-    Files are written under a temporary name and renamed, so an interrupted write never
-    replaces a good checkpoint. (Lightning's ModelCheckpoint counts optimizer steps; an
-    editing run has none.)
+    Files are safetensors (`checkpoint_io.py`), written under a temporary name, fsynced and
+    renamed, so an interrupted write never replaces a good checkpoint. (Lightning's
+    ModelCheckpoint counts optimizer steps; an editing run has none.)
     """
 
     def __init__(self, dirpath: str | None = None, every_n_batches: int = 1, keep_last: int | None = 2):
@@ -83,6 +85,12 @@ class EditCheckpoint(L.Callback):
         self.every_n_batches = every_n_batches
         self.keep_last = keep_last
         self.saved: list[str] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Checkpoints are safetensors files (no pickle on reading): install the CheckpointIO
+        unless the trainer was given a custom one. Runs before Lightning restores --ckpt_path."""
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = SafetensorsCheckpointIO()
 
     def _dir(self, trainer) -> Path:
         return Path(self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
 from urllib.parse import urlsplit
 
 from jsonargparse import lazy_instance
@@ -23,8 +24,10 @@ from ..data.readers import EditSourceError
 from ..data.records import EditDataError
 from ..editing.editor import EditFailedError, SettingsError
 from ..editing.patch import PatchError
+from ..editing.stats import StatisticsFileError
 from ..evaluation.base import EvalDataError
 from ..models import ModelLoadError
+from .checkpoint_io import CheckpointFormatError, is_safetensors_checkpoint
 from .callbacks import EditCheckpoint, HypersphericalEnergyMonitor, RunSummary
 from .datamodule import EditDataModule
 from .general import GeneralAbilityMonitor
@@ -113,16 +116,24 @@ def check_checkpoint_file(path: str) -> None:
             f"error: checkpoint not found: {path}\nhint: runs write <checkpoint.dirpath>/last.ckpt after every edit batch; "
             "a run stopped before its first batch finished has none: start it again without --ckpt_path"
         )
+    if zipfile.is_zipfile(path) or is_safetensors_checkpoint(path):  # this version's format, or torch.save's of earlier ones
+        return
     with open(path, "rb") as f:
         head = f.read(16)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip format, or a legacy pickle
-        return
     stripped = head.lstrip()
-    kind = "a JSON file" if stripped[:1] in (b"{", b"[") else "a safetensors file" if head[8:9] == b"{" else "not a torch checkpoint"
+    kind = "a JSON file" if stripped[:1] in (b"{", b"[") else "a safetensors file" if head[8:9] == b"{" else "an unrecognised file (neither safetensors nor torch.save data)"
+    if kind == "a safetensors file" and b"sphere_pl.checkpoint" in _header(path):
+        kind = "a truncated or damaged checkpoint"
     raise SystemExit(
-        f"error: {path} is {kind}, not a sphere_pl checkpoint (written by fit as <checkpoint.dirpath>/*.ckpt)"
-        + ("\nhint: an exported edit patch is evaluated with --patch, not --ckpt_path" if "safetensors" in kind else "")
+        f"error: {path} is {kind}, not a readable sphere_pl checkpoint (written by fit as <checkpoint.dirpath>/*.ckpt)"
+        + ("\nhint: an exported edit patch is evaluated with --patch, not --ckpt_path" if kind == "a safetensors file" else "")
+        + ("\nhint: resume from the previous numbered checkpoint (edits-*.ckpt) in the same directory" if "truncated" in kind else "")
     )
+
+
+def _header(path: str, size: int = 1 << 16) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(size)
 
 
 def _hint(error: Exception) -> str:
@@ -139,12 +150,19 @@ def _hint(error: Exception) -> str:
         return "change model.method.init_args (e.g. layers: [4, 5, 6, 7, 8] fits a model with at least 9 layers)"
     if isinstance(error, ModelLoadError):
         return "set model.model_name_or_path to a saved model directory or a hub name (null: the embedded SmolLM2)"
+    if isinstance(error, StatisticsFileError):
+        return "point stats.from_file at the .npz files computed for this model (<module>_<dtype>_mom2_<n>.npz), or remove it to compute C0"
+    if isinstance(error, CheckpointFormatError):
+        return "resume from a *.ckpt written by fit (the previous numbered checkpoint if the last one is damaged)"
     if isinstance(error, EditFailedError):
         return "edits already applied and checkpoints already written are intact: resume with --ckpt_path <dir>/last.ckpt"
     return "see the message above"
 
 
-SPHERE_ERRORS = (EditDataError, EditSourceError, EvalDataError, PatchError, EditFailedError, ModelLoadError, SettingsError)
+SPHERE_ERRORS = (
+    EditDataError, EditSourceError, EvalDataError, PatchError, EditFailedError, ModelLoadError, SettingsError,
+    StatisticsFileError, CheckpointFormatError,
+)
 
 
 def main(args: list[str] | None = None):

@@ -4,7 +4,8 @@
     apply    --patch P --model M --out DIR        a standard Hugging Face checkpoint with the edits in it
     rollback --ckpt_path C --batches k [--out C2] the checkpoint as it was k batches earlier, exactly
 
-Checkpoints are read with `weights_only=True`; patches are safetensors. Every refusal
+Checkpoints and patches are safetensors (earlier torch.save checkpoints are read with
+`weights_only=True`). Every refusal
 names what differs and leaves files and models as they were.
 """
 
@@ -14,11 +15,11 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
 
 from ..editing.editor import rollback_state
 from ..editing.methods.base import METHODS
 from ..editing.patch import Patch, PatchError, base_fingerprint
+from .checkpoint_io import CheckpointFormatError, load_checkpoint_file, save_checkpoint_file
 from ..models import EMBEDDED_MODEL, linear_weight, load_model_and_tokenizer, set_linear_weight
 
 
@@ -32,9 +33,11 @@ def read_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise CommandError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint_file(path)
+    except CheckpointFormatError as e:
+        raise CommandError(str(e)) from None
     except Exception as e:
-        raise CommandError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CommandError(f"{path} is not a readable sphere_pl checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(checkpoint, dict) or "sphere_pl" not in checkpoint:
         raise CommandError(f"{path} is not a sphere_pl checkpoint: it has no 'sphere_pl' section")
     return checkpoint
@@ -135,7 +138,7 @@ def rollback(args) -> None:
     _rewind_loops(checkpoint, new_state["batches_done"])
     out = Path(args.out) if args.out else Path(args.ckpt_path).with_name(f"rolled-back-edits-{new_state['edits_applied']:06d}.ckpt")
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(checkpoint, tmp)
+    save_checkpoint_file(checkpoint, tmp)
     os.replace(tmp, out)
     print(f"wrote {out}: {state['batches_done']} -> {new_state['batches_done']} batches ({new_state['edits_applied']} edits)")
 

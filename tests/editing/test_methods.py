@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from brute_force import _brute_force_block_output, _brute_force_keys, _rel_err
@@ -192,3 +193,62 @@ def test_prune_live_mode_puts_the_restrained_weights_in_the_model(tiny_model_dir
         expected = restrain_singular_values(deltas["evaluation"][name], 1e-4)
         assert float((expected - deltas["evaluation"][name]).abs().max()) > 0.1 * float(deltas["evaluation"][name].abs().max())
         assert float((deltas["live"][name] - expected).abs().max()) <= 1e-6 * float(expected.abs().max())
+
+
+def _alphaedit_with_state(layers: int, d_in: int):
+    """An AlphaEdit whose C_p buffer exists (as after set-up), without a model."""
+    from sphere_pl.editing.methods.alphaedit import AlphaEdit
+
+    method = AlphaEdit(layers=list(range(layers)))
+    method.register_buffer("projectors", torch.zeros(layers, d_in, d_in), persistent=False)
+    method.register_buffer("previous_key_moments", torch.zeros(layers, d_in, d_in), persistent=False)
+    return method
+
+
+def test_alphaedit_checkpoints_keys_not_matrices_and_folds_them_past_d_in_exactly():
+    layers, d_in, batch = 2, 16, 3
+    generator = torch.Generator().manual_seed(0)
+    batches = [[torch.randn(d_in, batch, generator=generator) for _ in range(layers)] for _ in range(9)]  # 27 keys > d_in
+    running = _alphaedit_with_state(layers, d_in)
+    states = []
+    for keys in batches:
+        running.commit(keys)
+        states.append(copy.deepcopy(running.state_dict()))
+
+    # no d_in x d_in buffer is saved; while keys < d_in they are all kept, and C_p is their K Kᵀ sum
+    assert not {"projectors", "previous_key_moments"} & set(states[0])
+    assert len(states[4]["_extra_state"]["batch_keys"]) == 5 and states[4]["_extra_state"]["folded_key_moments"] is None
+    # the 6th batch reaches d_in keys: the oldest are folded until at most d_in / 2 keys remain
+    extra = states[5]["_extra_state"]
+    assert extra["folded_batches"] == 4 and len(extra["batch_keys"]) == 2
+    assert extra["folded_key_moments"].shape == (layers, d_in, d_in)
+    expected = torch.zeros(layers, d_in, d_in, dtype=torch.float64)
+    for keys in batches[:6]:
+        for i, k in enumerate(keys):
+            expected[i] += k.double() @ k.double().T
+    assert _rel_err(running_after(states[5], layers, d_in), expected) < 1e-6
+
+    # every saved state rebuilds C_p bit for bit as the uninterrupted sum had it
+    for n, state in enumerate(states):
+        reference = _alphaedit_with_state(layers, d_in)
+        for keys in batches[: n + 1]:
+            reference.commit(keys)
+        assert torch.equal(running_after(state, layers, d_in), reference.previous_key_moments)
+
+    # batches still kept as keys revert exactly; folded ones are refused with the reason
+    reverted = revert_alphaedit(states[5], 2)
+    assert reverted["_extra_state"]["batch_keys"] == [] and torch.equal(running_after(reverted, layers, d_in), running_after(states[3], layers, d_in))
+    with pytest.raises(ValueError, match=r"keeps the keys of the last 2 batch\(es\) \(the 4 before them were folded"):
+        revert_alphaedit(states[5], 3)
+
+
+def running_after(state: dict, layers: int, d_in: int) -> torch.Tensor:
+    method = _alphaedit_with_state(layers, d_in)
+    method.load_state_dict(state)
+    return method.previous_key_moments
+
+
+def revert_alphaedit(state: dict, n: int) -> dict:
+    from sphere_pl.editing.methods.alphaedit import AlphaEdit
+
+    return AlphaEdit.revert_state(state, n)

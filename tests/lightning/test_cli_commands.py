@@ -17,6 +17,7 @@ from helpers import REPO, cli_env, run_cli, save_tiny_model
 from sphere_pl import load_model_and_tokenizer
 from sphere_pl.data.readers import QUICKSTART_PATH, load_edit_requests
 from sphere_pl.evaluation.counterfact import CounterFactEvaluator
+from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
 
 NUM_EDITS, NUM_BATCHES = 4, 3
 
@@ -69,7 +70,7 @@ def fitted(tiny_model_dir, stats_cache, tmp_path_factory):
 
 
 def load_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)["sphere_pl"]
+    return load_checkpoint_file(path)["sphere_pl"]
 
 
 def edited_requests() -> list:
@@ -180,7 +181,7 @@ def test_rollback_equals_the_run_stopped_earlier_and_resumes_to_the_same_end(fit
     [
         (["rollback", "--batches", "4"], "cannot roll back 4 batches: only 3 were applied"),
         (["rollback", "--batches", "3"], "only the last 2 batch patch(es) are kept"),
-        (["export", "--out", "{root}/never.safetensors", "--ckpt_path", "{root}/edit.yaml"], "is not a readable checkpoint"),
+        (["export", "--out", "{root}/never.safetensors", "--ckpt_path", "{root}/edit.yaml"], "is not a readable sphere_pl checkpoint"),
     ],
 )
 def test_refused_checkpoint_commands_name_the_problem_and_write_nothing(fitted, args, message):
@@ -331,8 +332,8 @@ def test_resuming_a_finished_run_still_ends_with_its_final_evaluation(fitted):
     "args, message",
     [
         (["--ckpt_path", "{root}/missing.ckpt"], "checkpoint not found: {root}/missing.ckpt\nhint: runs write"),
-        (["--ckpt_path", "{config}"], "is not a torch checkpoint"),
-        (["--ckpt_path", "{root}/edits.json"], "is a JSON file, not a sphere_pl checkpoint"),
+        (["--ckpt_path", "{config}"], "is an unrecognised file (neither safetensors nor torch.save data)"),
+        (["--ckpt_path", "{root}/edits.json"], "is a JSON file, not a readable sphere_pl checkpoint"),
         (["--model.model_name_or_path", "{root}/no-such-model"], "model path not found: {root}/no-such-model"),
         (["--data.source", "{root}/empty.json"], "empty.json is empty: expected a JSON list of records"),
         (["--data.source", "{root}/empty-list.json"], "empty-list.json holds an empty list: no records to edit"),

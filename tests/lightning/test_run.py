@@ -27,6 +27,7 @@ from conftest import CONTEXT_TEMPLATES, CORPUS
 from helpers import cli_env, run_cli
 from sphere_pl import EditCheckpoint, EditDataModule, HypersphericalEnergyMonitor, SequentialEditor
 from sphere_pl.data.readers import EditSourceError
+from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
 from sphere_pl.lightning.loggers import find_offline_runs, read_offline_history
 from sphere_pl.editing import NonFiniteUpdateError
 from sphere_pl.evaluation.counterfact import CounterFactEvaluator
@@ -160,7 +161,7 @@ def logged_rows(trainer: L.Trainer) -> list[dict[str, float]]:
 
 
 def load_ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_checkpoint_file(path)
 
 
 class SimulatedCrash(Exception):
@@ -287,10 +288,12 @@ def test_checkpoint_holds_only_edited_weights_and_method_state(tiny_model_dir, t
     directory = tmp_path / "checkpoints"
     names = down_proj_names(editor)
     method_state = editor.method.state_dict()
-    assert "previous_key_moments" in method_state
+    d_in = editor.method.projectors.shape[-1]
+    # compact: P and C_p (d_in x d_in per layer) are recomputed, not saved; C_p travels as the keys
+    assert not {"projectors", "previous_key_moments"} & set(method_state)
 
     for batches in range(1, NUM_BATCHES + 1):
-        ckpt = torch.load(directory / f"edits-{batches * NUM_EDITS:06d}.ckpt", map_location="cpu", weights_only=True)
+        ckpt = load_ckpt(directory / f"edits-{batches * NUM_EDITS:06d}.ckpt")
         assert ckpt["state_dict"] == {}  # no copy of the whole model
         assert "hyper_parameters" not in ckpt  # the config, not the checkpoint, decides the model
         state = ckpt["sphere_pl"]
@@ -298,8 +301,10 @@ def test_checkpoint_holds_only_edited_weights_and_method_state(tiny_model_dir, t
         assert sorted(state["weights"]) == sorted(names)
         assert len(state["recent_patches"]) == min(batches, 2)
         assert set(state["method"]) == set(method_state)
+        keys = state["method"]["_extra_state"]["batch_keys"]
+        assert len(keys) == batches and all(k.shape == (d_in, NUM_EDITS) for layer_keys in keys for k in layer_keys)
 
-    last = torch.load(directory / "last.ckpt", map_location="cpu", weights_only=True)["sphere_pl"]
+    last = load_ckpt(directory / "last.ckpt")["sphere_pl"]
     for name in names:
         assert torch.equal(last["weights"][name], editor.model.get_submodule(name).weight)
     for key, value in method_state.items():
@@ -466,7 +471,7 @@ def test_non_finite_update_rolls_back_the_batch(tiny_model_dir, tiny_method, tmp
     assert last["sphere_pl"]["edits_applied"] == NUM_EDITS
     for name in (first, second):
         assert torch.equal(last["sphere_pl"]["weights"][name], after_batch_0[name])
-    assert torch.equal(last["sphere_pl"]["method"]["previous_key_moments"], editor.method.previous_key_moments)
+    assert len(last["sphere_pl"]["method"]["_extra_state"]["batch_keys"]) == 1  # C_p is rebuilt from batch 0's keys
 
     # resuming from it with a healthy method completes the run, as if nothing had failed
     resumed = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
