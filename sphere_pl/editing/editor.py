@@ -33,6 +33,10 @@ class SettingsError(ValueError):
     """Settings that do not fit the model (e.g. a layer index it does not have); raised before any edit."""
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint written by another run (other model, base weights, edited modules or data)."""
+
+
 class EditFailedError(RuntimeError):
     """An edit batch could not be applied; the model and the method are as before it."""
 
@@ -293,7 +297,7 @@ class Editor:
         }
         for key, (what, mine) in identity.items():
             if state.get(key) != mine:
-                raise ValueError(f"the saved state was made for {what} {state.get(key)!r}, but this editor has {mine!r}")
+                raise CheckpointMismatchError(f"the saved state was made for {what} {state.get(key)!r}, but this editor has {mine!r}")
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()`, checked against this model first.

@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from ..data.readers import EditSourceError
 from ..data.records import EditDataError
-from ..editing.editor import EditFailedError, SettingsError
+from ..editing.editor import CheckpointMismatchError, EditFailedError, SettingsError
 from ..editing.patch import PatchError
 from ..editing.stats import StatisticsFileError
 from ..evaluation.base import EvalDataError
@@ -150,6 +150,8 @@ def _hint(error: Exception) -> str:
         return "change model.method.init_args (e.g. layers: [4, 5, 6, 7, 8] fits a model with at least 9 layers)"
     if isinstance(error, ModelLoadError):
         return "set model.model_name_or_path to a saved model directory or a hub name (null: the embedded SmolLM2)"
+    if isinstance(error, CheckpointMismatchError):
+        return "resume with the config of the run that wrote this checkpoint (same model, data and seed), or start without --ckpt_path"
     if isinstance(error, StatisticsFileError):
         return "point stats.from_file at the .npz files computed for this model (<module>_<dtype>_mom2_<n>.npz), or remove it to compute C0"
     if isinstance(error, CheckpointFormatError):
@@ -161,7 +163,7 @@ def _hint(error: Exception) -> str:
 
 SPHERE_ERRORS = (
     EditDataError, EditSourceError, EvalDataError, PatchError, EditFailedError, ModelLoadError, SettingsError,
-    StatisticsFileError, CheckpointFormatError,
+    StatisticsFileError, CheckpointFormatError, CheckpointMismatchError,
 )
 
 
@@ -188,7 +190,43 @@ def main(args: list[str] | None = None):
         if os.environ.get("SPHERE_PL_TRACEBACK"):
             raise
         raise SystemExit(f"error: {e}\nhint: {_hint(e)}") from None
+    except (ValueError, TypeError, OSError) as e:
+        own = _raised_by_sphere_pl(e)
+        if own is None or os.environ.get("SPHERE_PL_TRACEBACK"):
+            raise
+        if isinstance(own, OSError):
+            raise SystemExit(f"error: {own}\nhint: check that path in the config or on the command line") from None
+        raise SystemExit(
+            f"error: invalid setting: {own}\nhint: change that value in the config or on the command line "
+            "(`python -m sphere_pl fit --print_config` shows every setting and its current value)"
+        ) from None
 
+
+def _raised_by_sphere_pl(error: BaseException) -> BaseException | str | None:
+    """What sphere_pl's own code refused, from `error`'s chain (a setting refused while the
+    config was instantiated, a file it could not open), or None for anyone else's error.
+
+    jsonargparse reports a value that fits no member of a Union (e.g. `method: str | EditMethod`)
+    as one error listing each member's; the one that is not a type mismatch is ours."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        tb = current.__traceback__
+        last = None
+        while tb is not None:
+            last, tb = tb, tb.tb_next
+        if last is not None and os.path.abspath(last.tb_frame.f_code.co_filename).startswith(package + os.sep):
+            return current
+        current = current.__cause__ or current.__context__
+    message = str(error)
+    if "Union subtypes" in message and "Errors:" in message:
+        listed = message.split("Errors:", 1)[1].split("Given value", 1)[0]
+        reasons = [line.strip()[2:] for line in listed.splitlines() if line.strip().startswith("- ")]
+        ours = [r for r in reasons if not r.startswith(("Expected a ", "Import path", "Not a valid subclass", "Problem with given class_path"))]
+        if len(ours) == 1:
+            return ours[0]
+    return None
 
 if __name__ == "__main__":
     main()

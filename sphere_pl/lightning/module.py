@@ -17,7 +17,7 @@ import lightning as L
 import torch
 
 from ..data.records import EditBatch, EditRequest
-from ..editing.editor import EditFailedError, Editor
+from ..editing.editor import CheckpointMismatchError, EditFailedError, Editor
 from ..editing.patch import Patch
 from ..editing.methods.base import EditMethod
 from ..editing.writer import DeltaFilter
@@ -154,7 +154,7 @@ class SequentialEditor(L.LightningModule):
             for batch, saved_ids in zip(batches, self.editor.case_ids):
                 ids = [r.case_id for r in batch.requests]
                 if ids != saved_ids:
-                    raise ValueError(
+                    raise CheckpointMismatchError(
                         f"the checkpoint is from another run: its edit batch {batch.index} held case_ids {saved_ids}, "
                         f"this run's data puts {ids} there (different data, order, seed or num_edits)"
                     )

@@ -28,10 +28,10 @@ class SphereProjection(DeltaFilter):
         super().__init__()
         if basis not in BASES:
             raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
-        if not 0.0 <= cumulative_ratio <= 1.0:
-            raise ValueError(f"cumulative_ratio must lie in [0, 1], got {cumulative_ratio}")
+        if not 0.0 <= cumulative_ratio < 1.0:
+            raise ValueError(f"SphereProjection cumulative_ratio (η) must lie in [0, 1) (the paper: 0.5; 0 disables), got {cumulative_ratio}")
         if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must lie in [0, 1], got {strength}")
+            raise ValueError(f"SphereProjection strength (α) must lie in [0, 1] (the paper: 0.5 on AlphaEdit, 0.8 on the others), got {strength}")
         self.cumulative_ratio = cumulative_ratio
         self.strength = strength
         self.basis = basis

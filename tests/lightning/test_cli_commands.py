@@ -290,31 +290,6 @@ def test_validate_on_two_ddp_processes_gives_the_single_process_metrics(fitted):
     assert "fit edits on one process" in result.stderr and "validate/test" in result.stderr
 
 
-@pytest.mark.parametrize(
-    "record, message",
-    [
-        ({"subject": "Nobody"}, r"error: record case_id='bad-1' in .*bad.json: field 'subject': 'Nobody' does not occur in prompt"),
-        ({"target_new": ""}, r"error: record case_id='bad-1' in .*bad.json: field 'target_new': is empty"),
-    ],
-)
-def test_a_bad_record_ends_with_one_line_and_a_hint(tiny_model_dir, stats_cache, tmp_path, record, message):
-    import re
-
-    good = {"case_id": "good-0", "prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "target_new": "Rome",
-            "ground_truth": "Paris", "rephrase_prompt": "Where is the Eiffel Tower? In", "locality_prompt": "The Louvre is in",
-            "locality_ground_truth": "Paris"}  # fmt: skip
-    bad = {**good, "case_id": "bad-1", **record}
-    data = tmp_path / "bad.json"
-    data.write_text(json.dumps([good, bad]))
-    config = run_config(tiny_model_dir, stats_cache, tmp_path / "run", data__source=str(data), data__num_holdout=0)
-    config["data"]["dataset_size_limit"] = None
-    result = run_cli(["fit", "--config", write_config(tmp_path / "c.yaml", config)], tmp_path, cli_env(tmp_path), ok=False)
-    assert re.search(message, result.stderr), result.stderr[-2000:]
-    assert "hint: fix that record, or set data.on_bad_record: skip" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any edit
-
-
 def test_resuming_a_finished_run_still_ends_with_its_final_evaluation(fitted):
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
     again = root / "resumed-at-end"
@@ -326,32 +301,6 @@ def test_resuming_a_finished_run_still_ends_with_its_final_evaluation(fitted):
     resumed = json.loads((again / "summary.json").read_text())["final"]
     assert resumed.keys() == original.keys() and len(resumed) == 6
     assert resumed == pytest.approx(original, rel=1e-6, abs=1e-9)
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--ckpt_path", "{root}/missing.ckpt"], "checkpoint not found: {root}/missing.ckpt\nhint: runs write"),
-        (["--ckpt_path", "{config}"], "is an unrecognised file (neither safetensors nor torch.save data)"),
-        (["--ckpt_path", "{root}/edits.json"], "is a JSON file, not a readable sphere_pl checkpoint"),
-        (["--model.model_name_or_path", "{root}/no-such-model"], "model path not found: {root}/no-such-model"),
-        (["--data.source", "{root}/empty.json"], "empty.json is empty: expected a JSON list of records"),
-        (["--data.source", "{root}/empty-list.json"], "empty-list.json holds an empty list: no records to edit"),
-        (["--data.source", "{root}/broken.json"], "broken.json: record #1: invalid JSON at line 3, column 17"),
-        (["--model.method.init_args.layers", "[1, 99]"], "alphaedit edits ['model.layers.99.mlp.down_proj'], which the model does not have: it has 4 layers"),
-    ],
-)
-def test_unclear_messages_found_by_new_users_are_now_one_clear_line(fitted, tmp_path, args, message):
-    (tmp_path / "empty.json").write_text("")
-    (tmp_path / "empty-list.json").write_text("[]\n")
-    (tmp_path / "edits.json").write_text('{"not": "a checkpoint"}')
-    (tmp_path / "broken.json").write_text('[{"case_id": 1, "prompt": "x"},\n {"case_id": 2,\n  "prompt": "y" "subject": "z"}]')
-    fill = {"root": str(tmp_path), "config": fitted["config"]}
-    argv = ["fit", "--config", fitted["config"], "--trainer.default_root_dir", str(tmp_path / "run"), *[a.format(**fill) for a in args]]
-    result = run_cli(argv, tmp_path, fitted["env"], ok=False)
-    assert message.format(**fill) in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_resume_refuses_a_checkpoint_of_another_model_or_a_url(fitted, other_model_dir, stats_cache):
@@ -397,39 +346,6 @@ def test_checkpoints_with_pickled_code_or_from_another_run_are_refused(fitted, t
     result = run_cli(["fit", "--config", other_run, "--ckpt_path", str(run / "checkpoints" / "edits-000004.ckpt")], root, env, ok=False)
     assert "the checkpoint is from another run: its edit batch 0 held case_ids" in result.stderr
     assert not list((tmp_path / "checkpoints").glob("*.ckpt"))
-
-
-LONG_PROMPT = " ".join(["word"] * 300) + " {} is located in"
-
-
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ({"method_args": {"values": {"num_grad_steps": 5, "lr": 1e30}}}, "values.lr"),
-        ({"method_args": {"values": {"num_grad_steps": 0}}}, "values.num_grad_steps = 0"),
-        ({"method_args": {"nullspace_threshold": 0.0}}, "nullspace_threshold = 0.0"),
-        ({"method_args": {"layers": [1, 1]}}, "layers lists layer(s) [1] more than once"),
-        ("long-prompt", "field 'prompt': needs"),
-    ],
-    ids=["huge-lr", "no-steps", "no-null-space", "duplicate-layers", "prompt-longer-than-context"],
-)
-def test_settings_that_would_edit_nothing_and_overlong_prompts_are_refused(tiny_model_dir, stats_cache, tmp_path, override, message):
-    env = cli_env(tmp_path)
-    if override == "long-prompt":
-        records = json.loads(QUICKSTART_PATH.read_text())[:12]
-        records[5]["requested_rewrite"]["prompt"] = LONG_PROMPT
-        records[5]["requested_rewrite"]["subject"] = "Zorbl"
-        (tmp_path / "long.json").write_text(json.dumps(records))
-        config = run_config(tiny_model_dir, stats_cache, tmp_path / "run")
-        config["data"].update(source=str(tmp_path / "long.json"), num_holdout=0)
-    else:
-        config = run_config(tiny_model_dir, stats_cache, tmp_path / "run", **override)
-    result = run_cli(["fit", "--config", write_config(tmp_path / "bad.yaml", config)], tmp_path, env, ok=False)
-    assert message in result.stderr
-    if override == "long-prompt":
-        case_id = json.loads(QUICKSTART_PATH.read_text())[5]["case_id"]
-        assert f"case_id={case_id!r}" in result.stderr and "at most 256" in result.stderr
-    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
 
 
 @pytest.mark.parametrize(

@@ -122,6 +122,20 @@ class EditMethod(nn.Module):
         return {"name": self.name, "layers": list(self.layers)}
 
 
+def single_layer(method: EditMethod, layer: int, layers: list[int] | None) -> int:
+    """The one layer of a one-layer method (ROME, FT), refusing a list of several (a common
+    mistake when a MEMIT-style config is reused)."""
+    if layers is None:
+        return layer
+    layers = list(layers)
+    if len(layers) != 1:
+        raise ValueError(
+            f"{type(method).__name__} edits exactly one layer: give `layer: <index>`, got layers {layers} "
+            "(MEMIT, AlphaEdit, RECT and PRUNE take several)"
+        )
+    return layers[0]
+
+
 # ----------------------------------------------------------------------------- registry
 
 METHODS: dict[str, type[EditMethod]] = {}

@@ -21,13 +21,14 @@ from ...models import linear_weight, set_linear_weight
 from ...tracing import pad_id_lists
 from ..lm import LoadedModel
 from ..writer import WeightWriter
-from .base import BatchEdit, EditMethod, register_method
+from .base import BatchEdit, EditMethod, register_method, single_layer
 
 
 @register_method("ft")
 class FineTune(EditMethod):
     """Args:
     layer: the layer whose down-projection is fine-tuned (the paper: 21 on LLaMA3-8B).
+    layers: accepted as a one-element list instead of `layer`; several are refused.
     num_steps: Adam steps at most (25).
     lr: Adam learning rate (5e-4).
     weight_decay: Adam weight decay (0).
@@ -43,8 +44,9 @@ class FineTune(EditMethod):
         weight_decay: float = 0.0,
         norm_constraint: float | None = None,
         early_stop_loss: float = 1e-2,
+        layers: list[int] | None = None,
     ):
-        super().__init__([layer])
+        super().__init__([single_layer(self, layer, layers)])
         if not (isinstance(num_steps, int) and num_steps >= 1):
             raise ValueError(f"num_steps = {num_steps!r} must be an integer >= 1: the edit would change nothing")
         if not lr > 0:

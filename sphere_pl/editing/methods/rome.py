@@ -29,13 +29,14 @@ from ..lm import LoadedModel
 from ..stats import KeyStatistics
 from ..values import ValueOptimization, optimize_values
 from ..writer import WeightWriter
-from .base import BatchEdit, LocateThenEdit, register_method
+from .base import BatchEdit, LocateThenEdit, register_method, single_layer
 
 
 @register_method("rome")
 class ROME(LocateThenEdit):
     """Args:
     layer: the layer whose down-projection is edited (the paper: 5 on LLaMA3-8B).
+    layers: accepted as a one-element list instead of `layer`; several are refused.
     values: value search (defaults: ROME's LLaMA3-8B lr 0.5, clamp 4, weight decay 1e-3).
     stats: where C0 comes from (used only with `mom2_adjustment`).
     mom2_adjustment: u ← C0⁻¹ u (off for LLaMA3-8B).
@@ -55,7 +56,9 @@ class ROME(LocateThenEdit):
         context_per_length: int = 2,
         context_prefixes: list[str] = list(GENERATION_PREFIXES),
         context_seed: int = 0,
+        layers: list[int] | None = None,
     ):
+        layer = single_layer(self, layer, layers)
         super().__init__([layer], values, stats, context_templates, context_prefixes, max(context_lengths), context_seed)
         if context_templates:
             self.context_groups = [["{}", *context_templates]]  # one flat group, as ROME averages
