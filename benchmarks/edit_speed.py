@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -67,7 +68,8 @@ def main() -> None:
         base_module.optimize_values = reference
         assert values_module_fast is not reference
 
-    cache = tempfile.mkdtemp() if args.fresh_stats else "~/.cache/sphere_pl/stats"
+    scratch = tempfile.TemporaryDirectory(prefix="sphere_pl-edit-speed-")  # removed at exit, also on errors
+    cache = os.path.join(scratch.name, "stats") if args.fresh_stats else "~/.cache/sphere_pl/stats"
     values = ValueOptimization(num_grad_steps=args.steps, **HPARAMS[args.hparams])
     stats = KeyStatistics(corpus=str(CORPUS), num_samples=args.stats_samples, seq_len=256, cache_dir=cache)
     if args.method == "ft":  # one down_proj (LLaMA3: layer 21 of 32; SmolLM2: 20 of 30), no statistics
@@ -83,7 +85,7 @@ def main() -> None:
     data = EditDataModule(source=source, num_edits=args.batch, dataset_size_limit=args.edits, num_holdout=2, shuffle=False)
     trainer = L.Trainer(
         max_epochs=1,
-        logger=L.pytorch.loggers.CSVLogger(tempfile.mkdtemp()),
+        logger=L.pytorch.loggers.CSVLogger(os.path.join(scratch.name, "logs")),
         callbacks=[HypersphericalEnergyMonitor()],
         enable_checkpointing=False,
         enable_progress_bar=False,
