@@ -49,6 +49,14 @@ def former_state(checkpoint: dict) -> dict:
     return {**checkpoint, "sphere_pl": {**state, "method": method}}
 
 
+def compact_state(checkpoint: dict) -> dict:
+    """What this version writes for the same run: AlphaEdit's P and K Kᵀ are recomputed on
+    resume, so a checkpoint of an earlier version is compared without them."""
+    state = checkpoint["sphere_pl"]
+    method = {k: v for k, v in state["method"].items() if k not in ("projectors", "previous_key_moments")}
+    return {**checkpoint, "sphere_pl": {**state, "method": method}}
+
+
 def computed_size(d_out: int, d_in: int, edits: int, layers: int = 5, history: int = 1, bytes_per: int = 4) -> tuple[float, float]:
     """(compact, former) bytes of an AlphaEdit checkpoint after `edits` edits."""
     weights = layers * d_out * d_in * bytes_per * (1 + history)  # edited weights + kept batch patches
@@ -68,11 +76,11 @@ def main() -> None:
     state = checkpoint["sphere_pl"]
     print(f"{args.ckpt}: {state['edits_applied']} edits, {len(state['weights'])} edited modules, "
           f"{len(state['recent_patches'])} kept batch patches, method {state['settings']['method']['name']}")
-    former = former_state(checkpoint)
+    former, compact = former_state(checkpoint), compact_state(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for label, write in (
-            ("compact safetensors (now)", lambda p: save_checkpoint_file(checkpoint, p)),
+            ("compact safetensors (now)", lambda p: save_checkpoint_file(compact, p)),
             ("former torch.save with P and K Kᵀ", lambda p: torch.save(former, p)),
         ):
             path = os.path.join(tmp, "c.ckpt")

@@ -32,21 +32,27 @@ class CheckpointFormatError(ValueError):
     """A file that is not a readable sphere_pl checkpoint (named, with what it is instead)."""
 
 
-def _encode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+def _encode(value: Any, tensors: dict[str, torch.Tensor], where: str, storages: set | None = None) -> Any:
+    storages = set() if storages is None else storages
     if isinstance(value, torch.Tensor):
         name = f"t{len(tensors)}"
-        # contiguous private copies: safetensors refuses views and tensors sharing storage
-        tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+        tensor = value.detach()
+        storage = tensor.untyped_storage()
+        whole = tensor.is_contiguous() and tensor.storage_offset() == 0 and storage.nbytes() == tensor.numel() * tensor.element_size()
+        if tensor.device.type != "cpu" or not whole or storage.data_ptr() in storages:
+            tensor = tensor.to("cpu", copy=True).contiguous()  # safetensors refuses views and shared storage
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
         return {_TENSOR: name}
     if isinstance(value, dict):
         bad = [k for k in value if not isinstance(k, str)]
         if bad:
             raise TypeError(f"checkpoint field {where or '/'} has non-string keys {bad[:3]}: cannot be stored")
-        return {k: _encode(v, tensors, f"{where}/{k}") for k, v in value.items()}
+        return {k: _encode(v, tensors, f"{where}/{k}", storages) for k, v in value.items()}
     if isinstance(value, tuple):
-        return {_TUPLE: [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(value)]}
+        return {_TUPLE: [_encode(v, tensors, f"{where}[{i}]", storages) for i, v in enumerate(value)]}
     if isinstance(value, list):
-        return [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_encode(v, tensors, f"{where}[{i}]", storages) for i, v in enumerate(value)]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"checkpoint field {where or '/'} holds a {type(value).__name__}: only tensors and plain values are stored")

@@ -28,6 +28,7 @@ def _nested() -> dict:
         "sphere_pl": {
             "weights": {"model.layers.1.mlp.down_proj": base},
             "view": base[:, 1:3].T,  # non-contiguous view sharing storage with another tensor
+            "same_again": base,  # the very same tensor twice
             "keys": [[torch.randn(4, 2).double(), torch.arange(5)], []],
             "mask": torch.tensor([True, False]),
             "rng": torch.get_rng_state(),
