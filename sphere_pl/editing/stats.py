@@ -47,7 +47,10 @@ class KeyStatistics:
     `mom2.mom2` the sum of k kᵀ and `mom2.count` the number of keys), or a directory searched
     (recursively) for the edited modules' files. When several sample counts are present,
     the one equal to `num_samples` is used. `accumulate_dtype` is the precision of the running
-    sums when C0 is computed (the forward runs in the model's dtype).
+    sums when C0 is computed (the forward runs in the model's dtype). `checkpoint_every`
+    sequences the partial sums are saved, so an interrupted computation resumes (0: never).
+    `nullspace_threshold` is only reported: how many eigenvalues of C0 lie below it as samples
+    grow (AlphaEdit's default), next to the relative change of C0.
     """
 
     corpus: str = "wikitext"
@@ -60,6 +63,8 @@ class KeyStatistics:
     cache_dir: str = "~/.cache/sphere_pl/stats"
     from_file: str | None = None
     accumulate_dtype: str = "float32"
+    checkpoint_every: int = 1000
+    nullspace_threshold: float = 2e-2
 
     def __post_init__(self):
         if self.accumulate_dtype not in ACCUMULATE_DTYPES:
@@ -148,38 +153,178 @@ def second_moments(model, tokenizer, templates: ModuleTemplates, layers: list[in
     if not missing:
         return result
 
-    log.info("computing key statistics for layers %s over %s (%d x %d tokens)", missing, cfg.corpus, cfg.num_samples, cfg.seq_len)
-    device = next(model.parameters()).device
-    dataset, text_field = load_corpus(cfg)
-    sums = {layer: None for layer in missing}
-    count = 0  # token positions accumulated
-    stop = templates.layer_at(max(missing))
-    sequences = _token_sequences(dataset, text_field, tokenizer, cfg.seq_len)
-    with tqdm(total=cfg.num_samples, desc="key statistics", unit="seq") as bar:
-        while bar.n < cfg.num_samples:
-            chunk = list(itertools.islice(sequences, min(cfg.batch_size, cfg.num_samples - bar.n)))
-            if not chunk:
-                break
-            ids = torch.tensor(chunk, device=device)
-            found = capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, inputs_of=[names[layer] for layer in missing], stop_after=stop)
-            for layer in missing:
-                keys = found[("in", names[layer])].flatten(0, -2).to(ACCUMULATE_DTYPES[cfg.accumulate_dtype])
-                moment = keys.T @ keys
-                sums[layer] = moment if sums[layer] is None else sums[layer] + moment
-            count += ids.numel()
-            bar.update(len(chunk))
-    if count == 0:
-        raise ValueError(f"corpus {cfg.corpus!r} gave no text to compute key statistics from")
-    if bar.n < cfg.num_samples:
-        log.warning("corpus %s ran out after %d of %d sequences", cfg.corpus, bar.n, cfg.num_samples)
-
+    moments, tokens, convergence = accumulate_moments(model, tokenizer, templates, missing, cfg, fingerprints, _partial_path(paths, missing))
     for layer in missing:
-        result[layer] = (sums[layer] / count).float().cpu()
-        os.makedirs(os.path.dirname(paths[layer]), exist_ok=True)
-        tmp = paths[layer] + ".tmp"
-        torch.save({"second_moment": result[layer], "fingerprint": fingerprints[layer], "tokens": count, "config": asdict(cfg), "model": model_id}, tmp)
-        os.replace(tmp, paths[layer])
+        result[layer] = moments[layer]
+        if _rank_and_world()[0] == 0:  # every rank holds the same reduced C0; one writes it
+            os.makedirs(os.path.dirname(paths[layer]), exist_ok=True)
+            tmp = paths[layer] + ".tmp"
+            saved = {"second_moment": result[layer], "fingerprint": fingerprints[layer], "tokens": tokens, "config": asdict(cfg), "model": model_id}
+            torch.save({**saved, "convergence": [row for row in convergence if row["layer"] == layer]}, tmp)
+            os.replace(tmp, paths[layer])
+    _barrier()
     return result
+
+
+# ------------------------------------------------------------------- accumulation
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or min/max) over DDP ranks, in place; a no-op on one process."""
+    import torch.distributed as dist
+
+    if _rank_and_world()[1] > 1:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return tensor
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if _rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def _partial_path(paths: dict[int, str], layers: list[int]) -> str:
+    key = hashlib.sha256("|".join(paths[layer] for layer in layers).encode()).hexdigest()[:16]
+    rank, world = _rank_and_world()
+    return os.path.join(os.path.dirname(paths[layers[0]]), f"partial.{key}.rank{rank}of{world}.safetensors")
+
+
+def _load_partial(path: str, fingerprints: dict[int, str], layers: list[int]) -> dict | None:
+    from ..lightning.checkpoint_io import load_checkpoint_file  # safetensors, no pickle
+
+    if not os.path.exists(path):
+        return None
+    try:
+        partial = load_checkpoint_file(path)
+    except Exception as e:  # a file cut short by a kill: start again
+        log.warning("ignoring unreadable partial statistics %s (%s)", path, e)
+        return None
+    if partial.get("fingerprints") != {str(layer): fingerprints[layer] for layer in layers}:
+        log.warning("partial statistics %s were computed for other weights; starting again", path)
+        return None
+    return partial
+
+
+def _save_partial(path: str, state: dict) -> None:
+    from ..lightning.checkpoint_io import save_checkpoint_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    save_checkpoint_file(state, tmp)
+    os.replace(tmp, path)
+
+
+def _convergence_rows(sums, previous, count_tensor, layers, batches, sequences, cfg) -> tuple[list[dict], dict]:
+    """Relative change of each layer's C0 since the last report and its near-null-space dimension."""
+    count = float(_all_reduce(count_tensor.clone())) or 1.0
+    rows, estimates = [], {}
+    for layer in layers:
+        estimate = _all_reduce(sums[layer].clone()).double() / count
+        before = previous.get(layer)
+        change = float(torch.linalg.matrix_norm(estimate - before) / torch.linalg.matrix_norm(estimate)) if before is not None else float("nan")
+        dimension = int((torch.linalg.eigvalsh(estimate) < cfg.nullspace_threshold).sum())
+        rows.append({"layer": layer, "sequences": sequences, "tokens": int(count), "relative_change": change, "nullspace_dim": dimension})
+        estimates[layer] = estimate
+        log.info(
+            "key statistics, layer %d: %d sequences (%d tokens): C0 changed by %.3g since the last report; %d directions below %g",
+            layer, sequences, int(count), change, dimension, cfg.nullspace_threshold,
+        )
+    return rows, estimates
+
+
+@torch.no_grad()
+def accumulate_moments(model, tokenizer, templates: ModuleTemplates, layers: list[int], cfg: KeyStatistics, fingerprints: dict[int, str], partial_path: str):
+    """Σ k kᵀ / n over `cfg.num_samples` sequences for `layers`, in one forward per batch.
+
+    - Sharded: under DDP (an initialised process group) rank r takes the batches b with
+      b % world == r, and the sums and counts are all-reduced at the end.
+    - Resumable: every `cfg.checkpoint_every` sequences each rank saves its partial sums
+      (safetensors) next to the cache; an interrupted computation continues from them.
+    - Sums in `cfg.accumulate_dtype`, the forward in the model's dtype.
+    - Convergence: at 1, 2, 4, 8, ... batches and at the end, the relative change of C0 since
+      the last report and the number of its eigenvalues below `cfg.nullspace_threshold` are
+      logged and returned (rows of dicts), so a user sees when more samples stop mattering.
+
+    Returns ({layer: C0 float32 CPU}, tokens, convergence rows).
+    """
+    rank, world = _rank_and_world()
+    log.info("computing key statistics for layers %s over %s (%d x %d tokens, %d process(es))", layers, cfg.corpus, cfg.num_samples, cfg.seq_len, world)
+    device = next(model.parameters()).device
+    dtype = ACCUMULATE_DTYPES[cfg.accumulate_dtype]
+    names = {layer: templates.down_proj_at(layer) for layer in layers}
+    d_in = {layer: _in_features(model, names[layer]) for layer in layers}
+    sums = {layer: torch.zeros(d_in[layer], d_in[layer], dtype=dtype, device=device) for layer in layers}
+    count = torch.zeros((), dtype=torch.int64, device=device)  # token positions summed on this rank
+    start, convergence, previous = 0, [], {}
+
+    partial = _load_partial(partial_path, fingerprints, layers) if cfg.checkpoint_every else None
+    resume_at = torch.tensor(partial["batches"] if partial else 0, device=device)
+    low, high = _all_reduce(resume_at.clone(), "min"), _all_reduce(resume_at.clone(), "max")
+    if partial and int(low) == int(high) and int(low) > 0:  # every rank resumes from the same batch
+        start = int(low)
+        for layer in layers:
+            sums[layer] = partial["sums"][str(layer)].to(device, dtype)
+            if str(layer) in partial["previous"]:
+                previous[layer] = partial["previous"][str(layer)].double()
+        count = torch.tensor(partial["count"], dtype=torch.int64, device=device)
+        convergence = list(partial["convergence"])
+        log.info("resuming key statistics from %s: %d of %d sequences done", partial_path, start * cfg.batch_size, cfg.num_samples)
+
+    dataset, text_field = load_corpus(cfg)
+    sequences = _token_sequences(dataset, text_field, tokenizer, cfg.seq_len)
+    stop = templates.layer_at(max(layers))
+    batches = -(-cfg.num_samples // cfg.batch_size)
+    every = max(1, cfg.checkpoint_every // cfg.batch_size) if cfg.checkpoint_every else 0
+    done_sequences, finished, reported = 0, 0, 0
+    with tqdm(total=cfg.num_samples, desc="key statistics", unit="seq", disable=rank != 0) as bar:
+        for batch in range(batches):
+            size = min(cfg.batch_size, cfg.num_samples - batch * cfg.batch_size)
+            chunk = list(itertools.islice(sequences, size))  # every rank reads the stream, to stay in step
+            if not chunk:
+                log.warning("corpus %s ran out after %d of %d sequences", cfg.corpus, batch * cfg.batch_size, cfg.num_samples)
+                break
+            done_sequences = batch * cfg.batch_size + len(chunk)
+            finished = batch + 1
+            bar.update(len(chunk))
+            if batch < start:
+                reported = finished  # the reports up to here came with the partial sums
+                continue
+            if batch % world == rank:
+                ids = torch.tensor(chunk, device=device)
+                found = capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, inputs_of=list(names.values()), stop_after=stop)
+                for layer in layers:
+                    keys = found[("in", names[layer])].flatten(0, -2).to(dtype)
+                    sums[layer] += keys.T @ keys
+                count += ids.numel()
+            if finished & (finished - 1) == 0:  # 1, 2, 4, 8, ... batches
+                rows, previous = _convergence_rows(sums, previous, count, layers, finished, done_sequences, cfg)
+                convergence, reported = convergence + rows, finished
+            if every and finished % every == 0 and finished < batches:
+                _save_partial(partial_path, {
+                    "batches": finished, "count": int(count), "fingerprints": {str(k): v for k, v in fingerprints.items() if k in layers},
+                    "sums": {str(k): v for k, v in sums.items()}, "previous": {str(k): v.float() for k, v in previous.items()},
+                    "convergence": convergence,
+                })  # fmt: skip
+    if finished and reported != finished:  # and at the end
+        rows, previous = _convergence_rows(sums, previous, count, layers, finished, done_sequences, cfg)
+        convergence += rows
+    total = int(_all_reduce(count.clone()))
+    if total == 0:
+        raise ValueError(f"corpus {cfg.corpus!r} gave no text to compute key statistics from")
+    moments = {layer: (_all_reduce(sums[layer]) / total).float().cpu() for layer in layers}
+    if os.path.exists(partial_path):
+        os.remove(partial_path)
+    return moments, total, convergence
 
 
 # ------------------------------------------------------------ published statistics files
