@@ -43,6 +43,22 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
 
 
+def rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024**3
+
+
+class MemoryMarks(L.Callback):
+    """Resident memory after set-up (statistics, projectors) and its peak up to then."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.after_setup, self.peak_at_setup = rss_gb(), peak_rss_gb()
+
+
+def tensor_gb(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 1024**3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edits", type=int, default=30)
@@ -78,15 +94,18 @@ def main() -> None:
         method = create_method("rome", layer=5, values=values, stats=stats)
     else:
         method = create_method(args.method, values=values, stats=stats)
+    baseline = rss_gb()  # interpreter, torch, transformers, lightning imported
     start = time.perf_counter()
     editor = SequentialEditor(method=method, filters=[SphereProjection(0.5, method.sphere_strength)], eval_every=1)
     load_s = time.perf_counter() - start
+    after_load = rss_gb()
+    marks = MemoryMarks()
     source = str(COUNTERFACT) if args.data == "counterfact" else args.data
     data = EditDataModule(source=source, num_edits=args.batch, dataset_size_limit=args.edits, num_holdout=2, shuffle=False)
     trainer = L.Trainer(
         max_epochs=1,
         logger=L.pytorch.loggers.CSVLogger(os.path.join(scratch.name, "logs")),
-        callbacks=[HypersphericalEnergyMonitor()],
+        callbacks=[HypersphericalEnergyMonitor(), marks],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -118,6 +137,13 @@ def main() -> None:
     print(f"{'total per edit':<22}{per_edit / n:>10.3f}   (excluding the one-off set-up)")
     print(f"{'with set-up amortised':<22}{total / n:>10.3f}   (over these {n} edits)")
     print(f"peak memory (max RSS): {peak_rss_gb():.2f} GB")
+    model_gb = tensor_gb(list(editor.editor.model.parameters()))
+    stats_gb = tensor_gb(list(editor.editor.method.buffers()))  # C0-derived matrices the method holds
+    print(f"memory: after imports {baseline:.2f} GB; model load +{after_load - baseline:.2f} GB (parameters {model_gb:.2f} GB); "
+          f"set-up +{marks.after_setup - after_load:.2f} GB (method statistics {stats_gb:.3f} GB; peak during set-up {marks.peak_at_setup:.2f} GB); "
+          f"editing peak {peak_rss_gb():.2f} GB")
+    budget = 1.5 * (model_gb + stats_gb)
+    print(f"peak above the imports: {peak_rss_gb() - baseline:.2f} GB; budget 1.5 x (model + statistics) = {budget:.2f} GB")
     if torch.cuda.is_available():
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB")
 
