@@ -160,10 +160,15 @@ class SuffixRunner:
     third of them. `hidden` is the residual stream entering block `start` for every position.
     """
 
-    def __init__(self, model, templates: ModuleTemplates, hidden: torch.Tensor, attention_mask: torch.Tensor, split: torch.Tensor, start: int, stop: int | None = None):
+    def __init__(
+        self, model, templates: ModuleTemplates, hidden: torch.Tensor, attention_mask: torch.Tensor, split: torch.Tensor,
+        start: int, stop: int | None = None, chunk_rows: int = 64,
+    ):
         self.model, self.templates, self.start, self.stop = model, templates, start, stop
+        self.chunk_rows = chunk_rows
         device = hidden.device
         lengths = attention_mask.sum(dim=1)
+        self.split, self.suffix_len = split, lengths - split
         self.prefix_len = int(split.max())
         width = int((lengths - split).max())
         offsets = torch.arange(width, device=device)
@@ -190,15 +195,33 @@ class SuffixRunner:
 
     def run(self, rows: torch.Tensor, add_at_split: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (len(rows), width, d) of the suffixes of `rows`, with
-        `add_at_split` (len(rows), d) added to the hidden state at each suffix's first position."""
-        hidden = self.suffix_hidden[rows]
+        `add_at_split` (len(rows), d) added to the hidden state at each suffix's first position.
+
+        Rows run in chunks of at most `chunk_rows`, sorted by prefix length, each chunk padded
+        only to its own longest prefix and suffix: a large batch then costs no more per row
+        than a small one (no attention over other sequences' longer prefixes, smaller gathers).
+        """
+        order = torch.argsort(self.split[rows], stable=True)
+        width = self.suffix_hidden.shape[1]
+        outputs = []
+        for chunk in order.split(self.chunk_rows):
+            chunk_rows = rows[chunk]
+            prefix = int(self.split[chunk_rows].max())
+            suffix = int(self.suffix_len[chunk_rows].max())
+            out = self._run_chunk(chunk_rows, add_at_split[chunk], prefix, suffix)
+            outputs.append(torch.nn.functional.pad(out, (0, 0, 0, width - suffix)))
+        result = torch.cat(outputs)
+        return result[torch.argsort(order)]  # back to the order of `rows`
+
+    def _run_chunk(self, rows: torch.Tensor, add_at_split: torch.Tensor, prefix: int, suffix: int) -> torch.Tensor:
+        hidden = self.suffix_hidden[rows, :suffix]
         hidden = torch.cat([hidden[:, :1] + add_at_split[:, None].to(hidden.dtype), hidden[:, 1:]], dim=1)
         kwargs = {"use_cache": False}
-        mask = self.suffix_mask[rows]
-        if self.kv is not None:
-            cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.kv])
+        mask = self.suffix_mask[rows, :suffix]
+        if self.kv is not None and prefix:
+            cache = DynamicCache(ddp_cache_data=[(k[rows, :, :prefix], v[rows, :, :prefix]) for k, v in self.kv])
             kwargs = {"past_key_values": cache, "use_cache": True}
-            mask = torch.cat([self.prefix_mask[rows], mask], dim=1)
+            mask = torch.cat([self.prefix_mask[rows, :prefix], mask], dim=1)
         with upper_blocks(self.model, self.templates, self.start, self.stop) as forward:
-            out = forward(hidden, attention_mask=mask, position_ids=self.positions[rows], **kwargs)
+            out = forward(hidden, attention_mask=mask, position_ids=self.positions[rows, :suffix], **kwargs)
         return out.last_hidden_state
