@@ -254,6 +254,7 @@ def accumulate_moments(model, tokenizer, templates: ModuleTemplates, layers: lis
     - Convergence: at 1, 2, 4, 8, ... batches and at the end, the relative change of C0 since
       the last report and the number of its eigenvalues below `cfg.nullspace_threshold` are
       logged and returned (rows of dicts), so a user sees when more samples stop mattering.
+      (The first report after a resume has no earlier estimate to compare with: NaN.)
 
     Returns ({layer: C0 float32 CPU}, tokens, convergence rows).
     """
@@ -274,8 +275,6 @@ def accumulate_moments(model, tokenizer, templates: ModuleTemplates, layers: lis
         start = int(low)
         for layer in layers:
             sums[layer] = partial["sums"][str(layer)].to(device, dtype)
-            if str(layer) in partial["previous"]:
-                previous[layer] = partial["previous"][str(layer)].double()
         count = torch.tensor(partial["count"], dtype=torch.int64, device=device)
         convergence = list(partial["convergence"])
         log.info("resuming key statistics from %s: %d of %d sequences done", partial_path, start * cfg.batch_size, cfg.num_samples)
@@ -312,8 +311,7 @@ def accumulate_moments(model, tokenizer, templates: ModuleTemplates, layers: lis
             if every and finished % every == 0 and finished < batches:
                 _save_partial(partial_path, {
                     "batches": finished, "count": int(count), "fingerprints": {str(k): v for k, v in fingerprints.items() if k in layers},
-                    "sums": {str(k): v for k, v in sums.items()}, "previous": {str(k): v.float() for k, v in previous.items()},
-                    "convergence": convergence,
+                    "sums": {str(k): v for k, v in sums.items()}, "convergence": convergence,
                 })  # fmt: skip
     if finished and reported != finished:  # and at the end
         rows, previous = _convergence_rows(sums, previous, count, layers, finished, done_sequences, cfg)
