@@ -237,6 +237,12 @@ def main(argv: list[str] | None = None) -> None:
             results[variant] = run_variant(args, name, sphere, model, tokenizer, pretrained, mine, holdout)
             print(f"{variant}: done in {time.perf_counter() - variant_start:.0f} s", flush=True)
     out = Path(args.out)
+    for name in METHOD_NAMES:  # the table and plot always show every variant with saved rows, not only this run's
+        for variant in (name, f"{name}+sphere"):
+            progress = out / variant / "progress.jsonl"
+            if variant not in results and progress.exists() and progress.read_text().strip():
+                results[variant] = [json.loads(line) for line in progress.read_text().splitlines()]
+    results = {k: results[k] for k in ["pretrained (no edit)"] + [v for n in METHOD_NAMES for v in (n, f"{n}+sphere")] if k in results}
     table = write_table(results, out / "table.md")
     write_plot(results, out / "curves.png")
     print(table)
