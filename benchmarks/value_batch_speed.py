@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=100)
     parser.add_argument("--batches", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--chunk-rows", type=int, default=64)
+    parser.add_argument("--chunk-rows", type=int, default=1024)
     parser.add_argument("--layer", type=int, default=8)
     args = parser.parse_args()
 

@@ -162,7 +162,7 @@ class SuffixRunner:
 
     def __init__(
         self, model, templates: ModuleTemplates, hidden: torch.Tensor, attention_mask: torch.Tensor, split: torch.Tensor,
-        start: int, stop: int | None = None, chunk_rows: int = 64,
+        start: int, stop: int | None = None, chunk_rows: int = 1024,
     ):
         self.model, self.templates, self.start, self.stop = model, templates, start, stop
         self.chunk_rows = chunk_rows
@@ -197,9 +197,11 @@ class SuffixRunner:
         """Final-normed hidden states (len(rows), width, d) of the suffixes of `rows`, with
         `add_at_split` (len(rows), d) added to the hidden state at each suffix's first position.
 
-        Rows run in chunks of at most `chunk_rows`, sorted by prefix length, each chunk padded
-        only to its own longest prefix and suffix: a large batch then costs no more per row
-        than a small one (no attention over other sequences' longer prefixes, smaller gathers).
+        Rows run in chunks of at most `chunk_rows` (1024: one chunk up to about 85 requests
+        with AlphaEdit's 11 context templates), sorted by prefix length, each chunk padded only
+        to its own longest prefix and suffix. Measured on SmolLM2 with 1 thread, chunks of 64
+        did not make a batch of 100 cheaper per edit than a batch of 10 (BENCHMARKS.md), so
+        small chunks are not the default.
         """
         order = torch.argsort(self.split[rows], stable=True)
         width = self.suffix_hidden.shape[1]
