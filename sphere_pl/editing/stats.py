@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..models import ModuleTemplates, weights_fingerprint
+from ..models import ModuleTemplates, linear_weight, weights_fingerprint
 from ..tracing import capture
 
 log = logging.getLogger(__name__)
@@ -170,8 +171,6 @@ def second_moments(model, tokenizer, templates: ModuleTemplates, layers: list[in
 
 
 def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -179,16 +178,12 @@ def _rank_and_world() -> tuple[int, int]:
 
 def _all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Sum (or min/max) over DDP ranks, in place; a no-op on one process."""
-    import torch.distributed as dist
-
     if _rank_and_world()[1] > 1:
         dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
     return tensor
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if _rank_and_world()[1] > 1:
         dist.barrier()
 
@@ -329,8 +324,6 @@ def accumulate_moments(model, tokenizer, templates: ModuleTemplates, layers: lis
 
 
 def _in_features(model, module_name: str) -> int:
-    from ..models import linear_weight
-
     return linear_weight(model.get_submodule(module_name)).shape[1]
 
 

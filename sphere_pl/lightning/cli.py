@@ -136,35 +136,25 @@ def _header(path: str, size: int = 1 << 16) -> bytes:
         return f.read(size)
 
 
+# Errors sphere_pl raises itself, each with what to do about it (printed under its one-line
+# message); the CLI turns exactly these into one line and a hint.
+HINTS: dict[type[Exception], str] = {
+    EditDataError: "fix that record, or set data.on_bad_record: skip to leave bad records out (they are named in a warning)",
+    EvalDataError: "fix that record, or set on_bad_record: skip on the task to leave bad records out (never scored)",
+    EditSourceError: "check data.source (a local JSON/JSONL file, a named source or a URL) and data.schema",
+    PatchError: "use a patch exported (sphere-pl export) from a run on this model and these base weights",
+    SettingsError: "change model.method.init_args (e.g. layers: [4, 5, 6, 7, 8] fits a model with at least 9 layers)",
+    ModelLoadError: "set model.model_name_or_path to a saved model directory or a hub name (null: the embedded SmolLM2)",
+    CheckpointMismatchError: "resume with the config of the run that wrote this checkpoint (same model, data and seed), or start without --ckpt_path",
+    StatisticsFileError: "point stats.from_file at the .npz files computed for this model (<module>_<dtype>_mom2_<n>.npz), or remove it to compute C0",
+    CheckpointFormatError: "resume from a *.ckpt written by fit (the previous numbered checkpoint if the last one is damaged)",
+    EditFailedError: "edits already applied and checkpoints already written are intact: resume with --ckpt_path <dir>/last.ckpt",
+}
+SPHERE_ERRORS = tuple(HINTS)
+
+
 def _hint(error: Exception) -> str:
-    """What to do about an error sphere_pl raised itself (printed under its one-line message)."""
-    if isinstance(error, EditDataError):
-        return "fix that record, or set data.on_bad_record: skip to leave bad records out (they are named in a warning)"
-    if isinstance(error, EvalDataError):
-        return "fix that record, or set on_bad_record: skip on the task to leave bad records out (never scored)"
-    if isinstance(error, EditSourceError):
-        return "check data.source (a local JSON/JSONL file, a named source or a URL) and data.schema"
-    if isinstance(error, PatchError):
-        return "use a patch exported (sphere-pl export) from a run on this model and these base weights"
-    if isinstance(error, SettingsError):
-        return "change model.method.init_args (e.g. layers: [4, 5, 6, 7, 8] fits a model with at least 9 layers)"
-    if isinstance(error, ModelLoadError):
-        return "set model.model_name_or_path to a saved model directory or a hub name (null: the embedded SmolLM2)"
-    if isinstance(error, CheckpointMismatchError):
-        return "resume with the config of the run that wrote this checkpoint (same model, data and seed), or start without --ckpt_path"
-    if isinstance(error, StatisticsFileError):
-        return "point stats.from_file at the .npz files computed for this model (<module>_<dtype>_mom2_<n>.npz), or remove it to compute C0"
-    if isinstance(error, CheckpointFormatError):
-        return "resume from a *.ckpt written by fit (the previous numbered checkpoint if the last one is damaged)"
-    if isinstance(error, EditFailedError):
-        return "edits already applied and checkpoints already written are intact: resume with --ckpt_path <dir>/last.ckpt"
-    return "see the message above"
-
-
-SPHERE_ERRORS = (
-    EditDataError, EditSourceError, EvalDataError, PatchError, EditFailedError, ModelLoadError, SettingsError,
-    StatisticsFileError, CheckpointFormatError, CheckpointMismatchError,
-)
+    return next((hint for kind, hint in HINTS.items() if isinstance(error, kind)), "see the message above")
 
 
 def main(args: list[str] | None = None):
