@@ -4,7 +4,7 @@ patches and checkpoints, each given to the CLI as a user would.
 Every row must end with one clear error (the file, the record or field, the fix), a
 non-zero exit status, no traceback, and no partial edit: no checkpoint written, and files
 that were given (checkpoints, patches) unchanged. The CLI runs in this process (the same
-`main` that `python -m sphere_pl` calls) so that 40 rows cost seconds; a few rows also run
+`main` that `python -m sphere_pl` calls) so that 46 rows cost about a minute; four rows also run
 as a real subprocess to check the exit status and stderr a user sees.
 """
 
@@ -299,9 +299,10 @@ def test_rows_cover_every_kind_of_input():
     assert kinds == {"config", "edits", "eval", "stats", "patch", "ckpt"} and len(ROWS) >= 30
 
 
-@pytest.mark.parametrize("row", ["ckpt-truncated", "edits-malformed-json"])
+@pytest.mark.parametrize("row", ["ckpt-truncated", "edits-malformed-json", "stats-wrong-shape", "config-rome-two-layers"])
 def test_the_real_cli_exits_non_zero_with_the_same_line(ctx, tmp_path, row):
-    """Two rows through `python -m sphere_pl` in a subprocess: status 1, the line, no traceback."""
+    """Four rows (a checkpoint, an edit file, a statistics file, a setting) through `python -m sphere_pl`
+    in a subprocess: status 1, the line, no traceback, nothing written."""
     break_input, expected = next(r[1:] for r in ROWS if r[0] == row)
     argv, config = break_input(ctx, tmp_path)
     config["trainer"]["default_root_dir"] = str(tmp_path / "run")
