@@ -119,21 +119,16 @@ def check_checkpoint_file(path: str) -> None:
     if zipfile.is_zipfile(path) or is_safetensors_checkpoint(path):  # this version's format, or torch.save's of earlier ones
         return
     with open(path, "rb") as f:
-        head = f.read(16)
-    stripped = head.lstrip()
+        head = f.read(1 << 16)  # a safetensors header names its format within its first bytes
+    stripped = head[:16].lstrip()
     kind = "a JSON file" if stripped[:1] in (b"{", b"[") else "a safetensors file" if head[8:9] == b"{" else "an unrecognised file (neither safetensors nor torch.save data)"
-    if kind == "a safetensors file" and b"sphere_pl.checkpoint" in _header(path):
+    if kind == "a safetensors file" and b"sphere_pl.checkpoint" in head:
         kind = "a truncated or damaged checkpoint"
     raise SystemExit(
         f"error: {path} is {kind}, not a readable sphere_pl checkpoint (written by fit as <checkpoint.dirpath>/*.ckpt)"
         + ("\nhint: an exported edit patch is evaluated with --patch, not --ckpt_path" if kind == "a safetensors file" else "")
         + ("\nhint: resume from the previous numbered checkpoint (edits-*.ckpt) in the same directory" if "truncated" in kind else "")
     )
-
-
-def _header(path: str, size: int = 1 << 16) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(size)
 
 
 # Errors sphere_pl raises itself, each with what to do about it (printed under its one-line
