@@ -10,19 +10,21 @@ token of every rewriting prompt; Adam minimises
 delta is clamped to clamp_norm_factor * ||h||, and a request stops early once its loss is
 below `early_stop_loss`. z = h + delta.
 
-`optimize_values` solves all requests of a batch at once. Because the blocks below the
-edited layer do not depend on delta, their output is computed once; every step runs only
-the blocks above it, only on the tokens from the subject's last token on (the keys and
-values of the earlier tokens are cached), and logits only where the loss reads them.
-Adam acts element-wise, so a joint optimisation of per-request deltas on the sum of
-per-request losses follows exactly the same path as one optimisation per request;
-`optimize_values_reference` is that straightforward per-request version, kept for tests
-and for the benchmark's baseline.
+`optimize_values` solves several requests in each forward and backward pass. Because the
+blocks below the edited layer do not depend on delta, their output is computed once; every
+step runs only the blocks above it, only on the tokens from the subject's last token on
+(the keys and values of the earlier tokens are cached), and logits only where the loss
+reads them. Adam acts element-wise, so a joint optimisation of per-request deltas on the
+sum of per-request losses follows exactly the same path as one optimisation per request;
+hence requests can also be split into groups of any size (`requests_per_pass`, which sets
+the memory) without changing the result. `optimize_values_reference` is the
+straightforward per-request version, kept for tests and for the benchmark's baseline.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,17 +53,19 @@ class ValueOptimization:
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
+    requests_per_pass: int = 4  # requests optimised in one forward/backward pass: memory, not results
 
     def __post_init__(self):
-        def need(ok: bool, name: str, rule: str):
+        def need(ok: bool, name: str, rule: str, why: str = "the edit would change nothing or diverge"):
             if not ok:
-                raise ValueError(f"values.{name} = {getattr(self, name)!r} {rule}: the edit would change nothing or diverge")
+                raise ValueError(f"values.{name} = {getattr(self, name)!r} {rule}: {why}")
 
         need(isinstance(self.num_grad_steps, int) and self.num_grad_steps >= 1, "num_grad_steps", "must be an integer >= 1")
         need(math.isfinite(self.lr) and self.lr > 0, "lr", "must be a positive finite number")
         need(math.isfinite(self.clamp_norm_factor) and self.clamp_norm_factor > 0, "clamp_norm_factor", "must be positive")
         need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(math.isfinite(self.kl_factor) and self.kl_factor >= 0, "kl_factor", "must be >= 0")
+        need(isinstance(self.requests_per_pass, int) and self.requests_per_pass >= 1, "requests_per_pass", "must be an integer >= 1", "it is how many requests share a pass")
 
 
 @dataclass
@@ -165,15 +169,66 @@ def _check_layers(model, templates: ModuleTemplates, layer: int, hp: ValueOptimi
     return loss_layer
 
 
+def _suffix_tokens(tokenizer, request: EditRequest) -> tuple[int, int]:
+    """(tokens from the subject's last token on, tokens before it) of the bare rewriting prompt and its target:
+    what a step's forward pass and its cached prefix grow with."""
+    prompt = len(tokenizer(request.prompt.replace("{}", request.subject))["input_ids"])
+    target = len(tokenizer(" " + request.target_new, add_special_tokens=False)["input_ids"])
+    lookup = token_positions(tokenizer, [(request.prompt, request.subject)])[0]
+    return prompt - lookup + target, lookup
+
+
 def optimize_values(
     model, tokenizer, templates: ModuleTemplates, requests: list[EditRequest], context_groups, layer: int, hp: ValueOptimization,
     reference: torch.Tensor | None = None,
 ):
-    """Target values z (n, d_model) for all requests, optimised jointly. Returns (z, info).
+    """Target values z (n, d_model) for all requests. Returns (z, info), both in the order of `requests`.
+
+    Each request's search depends only on its own loss (Adam and the clamp act per element
+    and per row, early stopping per request), so requests are solved in groups of
+    `hp.requests_per_pass`, one group after another: the result does not depend on the group
+    size, while memory (the autograd graph over the upper blocks, the cached prefixes) grows
+    with it. Requests are grouped by length so that a group pads little; this is why a large
+    batch costs less per edit than a small one.
 
     The clamp and the weight decay are relative to the norm of h, the block output at the
     subject's last token, unless `reference` (n, d_model) gives other vectors (ROME: the MLP output).
     """
+    _check_layers(model, templates, layer, hp)
+    with _frozen(model):
+        return _optimize_in_groups(model, tokenizer, templates, requests, context_groups, layer, hp, reference)
+
+
+@contextmanager
+def _frozen(model):
+    """Only delta needs gradients: a caller's model that still requires them would otherwise get
+    a gradient for every weight above the layer at every step (time, and memory the size of those weights)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _optimize_in_groups(model, tokenizer, templates, requests, context_groups, layer: int, hp: ValueOptimization, reference):
+    order = sorted(range(len(requests)), key=lambda i: _suffix_tokens(tokenizer, requests[i]))
+    zs, infos = [], []
+    for start in range(0, len(order), hp.requests_per_pass):
+        group = order[start : start + hp.requests_per_pass]
+        ref = None if reference is None else reference[group]
+        z, info = _optimize_group(model, tokenizer, templates, [requests[i] for i in group], context_groups, layer, hp, ref)
+        zs.append(z)
+        infos.append(info)
+    back = torch.argsort(torch.tensor(order))  # position in `order` of each request
+    z = torch.cat(zs)[back.to(zs[0].device)]
+    info = {key: torch.cat([i[key] for i in infos])[back.to(infos[0][key].device)] for key in infos[0]}
+    return z, info
+
+
+def _optimize_group(model, tokenizer, templates, requests, context_groups, layer: int, hp: ValueOptimization, reference):
+    """`optimize_values` for one group of requests, all optimised in the same forward and backward passes."""
     loss_layer = _check_layers(model, templates, layer, hp)
     device = next(model.parameters()).device
     lm_head = model.get_submodule(templates.lm_head)
@@ -186,6 +241,9 @@ def optimize_values(
     h_init = _wide(block_out[p.init_seq, p.lookup[p.init_seq]])  # (n, d)
     h_norm = (h_init if reference is None else _wide(reference)).norm(dim=-1)
     max_norm = hp.clamp_norm_factor * h_norm
+    runner = SuffixRunner(model, templates, block_out, p.batch["attention_mask"], p.lookup, layer + 1, loss_layer + 1)
+    dtype = block_out.dtype
+    del block_out  # the runner keeps only the suffixes and the prefixes' keys and values
 
     delta = torch.zeros_like(h_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
@@ -196,7 +254,6 @@ def optimize_values(
     final_loss = torch.zeros(n, dtype=h_init.dtype)
     initial_loss = None
 
-    runner = SuffixRunner(model, templates, block_out, p.batch["attention_mask"], p.lookup, layer + 1, loss_layer + 1)
     for it in range(hp.num_grad_steps):
         seqs = all_seqs[active[p.seq_request]]
         final = runner.run(seqs, delta[p.seq_request[seqs]])
@@ -231,7 +288,7 @@ def optimize_values(
         steps[stepping.cpu()] += 1
         active = stepping
 
-    z = (h_init + delta.detach()).to(block_out.dtype)
+    z = (h_init + delta.detach()).to(dtype)
     return z, {"steps": steps, "loss": final_loss, "initial_loss": initial_loss, "delta_norm": delta.detach().norm(dim=-1).cpu(), "delta": delta.detach()}
 
 

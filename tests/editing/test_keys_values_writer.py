@@ -106,22 +106,35 @@ def test_value_loss_kl_is_edited_given_original_like_the_official_code(tok, floa
     assert not torch.allclose(with_kl - without_kl, reverse, rtol=1e-3)  # the other direction differs here
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 3])
-def test_suffix_chunks_of_sorted_lengths_match_the_reference_float64(tok, float64_default, monkeypatch, chunk_rows):
-    """Rows run in small length-sorted chunks (each padded only to its own longest prefix and
-    suffix) give the per-request reference's values: chunking changes cost, not results."""
-    import functools
-
-    from sphere_pl.editing import values as values_module
-    from sphere_pl.tracing import SuffixRunner
-
-    monkeypatch.setattr(values_module, "SuffixRunner", functools.partial(SuffixRunner, chunk_rows=chunk_rows))
+@pytest.mark.parametrize("requests_per_pass", [1, 2])
+def test_requests_in_groups_of_any_size_match_the_reference_float64(tok, float64_default, requests_per_pass):
+    """Requests solved a few per pass (grouped by length, so not in the given order) give the
+    per-request reference's values, each in its own request's place: group size changes memory, not results."""
     model = tiny_llama().double()
     templates = resolve_templates(model)
-    hp = ValueOptimization(num_grad_steps=6, lr=0.1, early_stop_loss=-1.0)
-    z, _ = optimize_values(model, tok, templates, REQUESTS, GROUPS, 2, hp)
-    z_ref = optimize_values_reference(model, tok, templates, REQUESTS, GROUPS, 2, hp)
+    requests = [REQUESTS[2], REQUESTS[0], SECOND_BATCH[1], REQUESTS[1], SECOND_BATCH[0]]
+    hp = ValueOptimization(num_grad_steps=6, lr=0.1, early_stop_loss=-1.0, requests_per_pass=requests_per_pass)
+    z, info = optimize_values(model, tok, templates, requests, GROUPS, 2, hp)
+    z_ref = optimize_values_reference(model, tok, templates, requests, GROUPS, 2, hp)
+    assert z.shape == z_ref.shape == (len(requests), model.config.hidden_size)
     assert (z - z_ref).abs().max() <= 1e-9 * z_ref.abs().max()
+    h = _brute_force_block_output(model, tok, templates, requests, 2)
+    assert torch.allclose(info["delta"], z - h, atol=1e-9 * float(h.abs().max()))  # info rows in the same order
+    order = sorted(range(len(requests)), key=lambda i: values_module._suffix_tokens(tok, requests[i]))
+    assert order != list(range(len(requests)))  # the grouping really reordered them
+
+
+def test_value_search_computes_no_weight_gradients_and_restores_requires_grad(tok):
+    """A caller's model that still requires gradients gets none (they would cost a copy of the
+    upper weights and their backward at every step), and keeps its flags afterwards."""
+    model = tiny_llama()
+    model.lm_head.weight.requires_grad_(False)  # a mixed set of flags, restored as they were
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    optimize_values(model, tok, resolve_templates(model), REQUESTS[:2], GROUPS, 1, ValueOptimization(num_grad_steps=3, early_stop_loss=-1.0))
+    assert all(p.grad is None for p in model.parameters())
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ  # the attention switch is scoped to the passes
+    assert any(flags.values()) and not all(flags.values())
 
 
 @pytest.mark.parametrize("layer, loss_layer", [(2, -1), (1, 2)])
@@ -149,7 +162,9 @@ def test_optimize_values_early_stopping_matches_reference_float64(tok, float64_d
     # first run without early stopping: the per-request loss at every iteration
     trajectory = _record_losses(monkeypatch)
     optimize_values(model, tok, templates, REQUESTS, GROUPS, 2, hp)
-    losses = torch.stack(trajectory)  # (iterations, requests)
+    # (iterations, requests), columns in the given order: one pass holds all three requests, sorted by length
+    order = sorted(range(len(REQUESTS)), key=lambda i: values_module._suffix_tokens(tok, REQUESTS[i]))
+    losses = torch.stack(trajectory)[:, torch.argsort(torch.tensor(order))]
     assert losses.shape == (n_steps, len(REQUESTS))
     monkeypatch.undo()
 

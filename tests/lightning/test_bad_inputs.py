@@ -223,6 +223,8 @@ ROWS = [
      r"FineTune edits exactly one layer"),
     ("config-duplicate-layers", config_change(**{"model.method.init_args.layers": [1, 1]}), r"layers lists layer\(s\) \[1\] more than once"),
     ("config-no-value-steps", config_change(**{"model.method.init_args.values.num_grad_steps": 0}), r"values.num_grad_steps = 0"),
+    ("config-no-requests-per-pass", config_change(**{"model.method.init_args.values.requests_per_pass": 0}),
+     r"values.requests_per_pass = 0 must be an integer >= 1"),
     ("config-empty-null-space", config_change(**{"model.method.init_args.nullspace_threshold": 0.0}), r"nullspace_threshold = 0.0 leaves an empty null space"),
     ("config-accumulate-dtype", config_change(**{"model.method.init_args.stats.accumulate_dtype": "bfloat16"}),
      r"accumulate_dtype must be one of \['float32', 'float64'\], got 'bfloat16'"),
