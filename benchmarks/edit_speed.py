@@ -55,6 +55,31 @@ class MemoryMarks(L.Callback):
         self.after_setup, self.peak_at_setup = rss_gb(), peak_rss_gb()
 
 
+class PeakByPhase:
+    """Wraps the editor's phase timer: how much each phase raised the process's peak RSS."""
+
+    def __init__(self, timer):
+        self.timer, self.raised = timer, {}
+
+    def __call__(self, phase: str):
+        timer, raised = self.timer, self.raised
+
+        class Marked:
+            def __enter__(self):
+                self.before, self.inner = peak_rss_gb(), timer(phase)
+                return self.inner.__enter__()
+
+            def __exit__(self, *exc):
+                out = self.inner.__exit__(*exc)
+                raised[phase] = raised.get(phase, 0.0) + peak_rss_gb() - self.before
+                return out
+
+        return Marked()
+
+    def __getattr__(self, name):
+        return getattr(self.timer, name)
+
+
 def tensor_gb(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 1024**3
 
@@ -64,6 +89,8 @@ def main() -> None:
     parser.add_argument("--edits", type=int, default=30)
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--requests-per-pass", type=int, default=ValueOptimization.requests_per_pass,
+                        help="requests sharing one forward/backward pass of the value search (memory vs speed)")
     parser.add_argument("--reference", action="store_true", help="straightforward one-request-at-a-time value optimisation")
     parser.add_argument("--fresh-stats", action="store_true", help="compute key statistics into an empty cache")
     parser.add_argument("--stats-samples", type=int, default=200)
@@ -86,7 +113,7 @@ def main() -> None:
 
     scratch = tempfile.TemporaryDirectory(prefix="sphere_pl-edit-speed-")  # removed at exit, also on errors
     cache = os.path.join(scratch.name, "stats") if args.fresh_stats else "~/.cache/sphere_pl/stats"
-    values = ValueOptimization(num_grad_steps=args.steps, **HPARAMS[args.hparams])
+    values = ValueOptimization(num_grad_steps=args.steps, requests_per_pass=args.requests_per_pass, **HPARAMS[args.hparams])
     stats = KeyStatistics(corpus=str(CORPUS), num_samples=args.stats_samples, seq_len=256, cache_dir=cache)
     if args.method == "ft":  # one down_proj (LLaMA3: layer 21 of 32; SmolLM2: 20 of 30), no statistics
         method = create_method("ft", layer=20, num_steps=args.steps)
@@ -98,6 +125,7 @@ def main() -> None:
     start = time.perf_counter()
     editor = SequentialEditor(method=method, filters=[SphereProjection(0.5, method.sphere_strength)], eval_every=1)
     load_s = time.perf_counter() - start
+    editor.editor.lm.timer = peaks = PeakByPhase(editor.editor.lm.timer)
     after_load = rss_gb()
     marks = MemoryMarks()
     source = str(COUNTERFACT) if args.data == "counterfact" else args.data
@@ -117,7 +145,7 @@ def main() -> None:
     trainer.fit(editor, data)
     total = time.perf_counter() - start
 
-    seconds = dict(editor.editor.timer.seconds)
+    seconds = dict(peaks.timer.seconds)
     n = editor.editor.edits_applied
     # one-off costs: statistics (cached after the first run) and the rest of set-up
     # (null-space projectors, context templates); "setup" includes "statistics"
@@ -127,7 +155,7 @@ def main() -> None:
     print(f"device: {editor.editor.lm.device}, torch threads: {torch.get_num_threads()}, model load {load_s:.1f} s")
     print(f"mode: {'reference (per request, full forward passes)' if args.reference else 'fast (batched, prefix-cached)'}; "
           f"{args.method}, {n} edits from {args.data} in batches of {args.batch}, {args.steps} value steps, {args.hparams} hyper-parameters "
-          f"{HPARAMS[args.hparams]}")
+          f"{HPARAMS[args.hparams]}, {args.requests_per_pass} requests per pass")
     print(f"one-off: statistics {statistics_s:.1f} s ({'forced to compute' if args.fresh_stats else 'computed only when not cached'}), "
           f"other set-up {setup_s - statistics_s:.1f} s")
     print(f"{'phase':<22}{'s/edit':>10}")
@@ -142,6 +170,7 @@ def main() -> None:
     print(f"memory: after imports {baseline:.2f} GB; model load +{after_load - baseline:.2f} GB (parameters {model_gb:.2f} GB); "
           f"set-up +{marks.after_setup - after_load:.2f} GB (method statistics {stats_gb:.3f} GB; peak during set-up {marks.peak_at_setup:.2f} GB); "
           f"editing peak {peak_rss_gb():.2f} GB")
+    print("phases that raised the peak: " + ", ".join(f"{p} +{gb:.2f} GB" for p, gb in peaks.raised.items() if gb >= 0.005))
     budget = 1.5 * (model_gb + stats_gb)
     print(f"peak above the imports: {peak_rss_gb() - baseline:.2f} GB; budget 1.5 x (model + statistics) = {budget:.2f} GB")
     if torch.cuda.is_available():
