@@ -18,6 +18,7 @@ import resource
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -61,22 +62,14 @@ class PeakByPhase:
     def __init__(self, timer):
         self.timer, self.raised = timer, {}
 
+    @contextmanager
     def __call__(self, phase: str):
-        timer, raised = self.timer, self.raised
+        before = peak_rss_gb()
+        with self.timer(phase):
+            yield
+        self.raised[phase] = self.raised.get(phase, 0.0) + peak_rss_gb() - before
 
-        class Marked:
-            def __enter__(self):
-                self.before, self.inner = peak_rss_gb(), timer(phase)
-                return self.inner.__enter__()
-
-            def __exit__(self, *exc):
-                out = self.inner.__exit__(*exc)
-                raised[phase] = raised.get(phase, 0.0) + peak_rss_gb() - self.before
-                return out
-
-        return Marked()
-
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # everything else (e.g. `seconds`) is the timer's
         return getattr(self.timer, name)
 
 

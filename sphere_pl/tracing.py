@@ -93,6 +93,9 @@ def pad_id_lists(id_lists: list[list[int]], pad_id: int, device) -> dict:
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
 @contextmanager
 def _sdpa_without_repeated_kv():
     """Ask transformers to give grouped-query attention to SDPA as it is (`enable_gqa`) instead of
@@ -109,9 +112,6 @@ def _sdpa_without_repeated_kv():
             del os.environ[_FORCE_GQA]
         else:
             os.environ[_FORCE_GQA] = previous
-
-
-_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 @contextmanager

@@ -194,9 +194,20 @@ def optimize_values(
     The clamp and the weight decay are relative to the norm of h, the block output at the
     subject's last token, unless `reference` (n, d_model) gives other vectors (ROME: the MLP output).
     """
-    _check_layers(model, templates, layer, hp)
+    loss_layer = _check_layers(model, templates, layer, hp)
+    order = sorted(range(len(requests)), key=lambda i: _suffix_tokens(tokenizer, requests[i]))
+    zs, infos = [], []
     with _frozen(model):
-        return _optimize_in_groups(model, tokenizer, templates, requests, context_groups, layer, hp, reference)
+        for start in range(0, len(order), hp.requests_per_pass):
+            group = order[start : start + hp.requests_per_pass]
+            ref = None if reference is None else reference[group]
+            z, info = _optimize_group(model, tokenizer, templates, [requests[i] for i in group], context_groups, layer, loss_layer, hp, ref)
+            zs.append(z)
+            infos.append(info)
+    back = torch.argsort(torch.tensor(order))  # position in `order` of each request
+    z = torch.cat(zs)[back.to(zs[0].device)]
+    info = {key: torch.cat([i[key] for i in infos])[back.to(infos[0][key].device)] for key in infos[0]}
+    return z, info
 
 
 @contextmanager
@@ -212,24 +223,8 @@ def _frozen(model):
             p.requires_grad_(flag)
 
 
-def _optimize_in_groups(model, tokenizer, templates, requests, context_groups, layer: int, hp: ValueOptimization, reference):
-    order = sorted(range(len(requests)), key=lambda i: _suffix_tokens(tokenizer, requests[i]))
-    zs, infos = [], []
-    for start in range(0, len(order), hp.requests_per_pass):
-        group = order[start : start + hp.requests_per_pass]
-        ref = None if reference is None else reference[group]
-        z, info = _optimize_group(model, tokenizer, templates, [requests[i] for i in group], context_groups, layer, hp, ref)
-        zs.append(z)
-        infos.append(info)
-    back = torch.argsort(torch.tensor(order))  # position in `order` of each request
-    z = torch.cat(zs)[back.to(zs[0].device)]
-    info = {key: torch.cat([i[key] for i in infos])[back.to(infos[0][key].device)] for key in infos[0]}
-    return z, info
-
-
-def _optimize_group(model, tokenizer, templates, requests, context_groups, layer: int, hp: ValueOptimization, reference):
+def _optimize_group(model, tokenizer, templates, requests, context_groups, layer: int, loss_layer: int, hp: ValueOptimization, reference):
     """`optimize_values` for one group of requests, all optimised in the same forward and backward passes."""
-    loss_layer = _check_layers(model, templates, layer, hp)
     device = next(model.parameters()).device
     lm_head = model.get_submodule(templates.lm_head)
     p = _build_problem(tokenizer, requests, context_groups, device)
