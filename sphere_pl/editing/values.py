@@ -178,6 +178,12 @@ def _suffix_tokens(tokenizer, request: EditRequest) -> tuple[int, int]:
     return prompt - lookup + target, lookup
 
 
+def pass_order(tokenizer, requests: list[EditRequest]) -> list[int]:
+    """Indices of `requests` sorted by (suffix tokens, prefix tokens): the order passes are cut
+    from, so that the requests of a pass pad little."""
+    return sorted(range(len(requests)), key=lambda i: _suffix_tokens(tokenizer, requests[i]))
+
+
 def optimize_values(
     model, tokenizer, templates: ModuleTemplates, requests: list[EditRequest], context_groups, layer: int, hp: ValueOptimization,
     reference: torch.Tensor | None = None,
@@ -195,7 +201,7 @@ def optimize_values(
     subject's last token, unless `reference` (n, d_model) gives other vectors (ROME: the MLP output).
     """
     loss_layer = _check_layers(model, templates, layer, hp)
-    order = sorted(range(len(requests)), key=lambda i: _suffix_tokens(tokenizer, requests[i]))
+    order = pass_order(tokenizer, requests)
     zs, infos = [], []
     with _frozen(model):
         for start in range(0, len(order), hp.requests_per_pass):

@@ -120,8 +120,7 @@ def test_requests_in_groups_of_any_size_match_the_reference_float64(tok, float64
     assert (z - z_ref).abs().max() <= 1e-9 * z_ref.abs().max()
     h = _brute_force_block_output(model, tok, templates, requests, 2)
     assert torch.allclose(info["delta"], z - h, atol=1e-9 * float(h.abs().max()))  # info rows in the same order
-    order = sorted(range(len(requests)), key=lambda i: values_module._suffix_tokens(tok, requests[i]))
-    assert order != list(range(len(requests)))  # the grouping really reordered them
+    assert values_module.pass_order(tok, requests) != list(range(len(requests)))  # the grouping really reordered them
 
 
 def test_value_search_computes_no_weight_gradients_and_restores_requires_grad(tok):
@@ -163,8 +162,7 @@ def test_optimize_values_early_stopping_matches_reference_float64(tok, float64_d
     trajectory = _record_losses(monkeypatch)
     optimize_values(model, tok, templates, REQUESTS, GROUPS, 2, hp)
     # (iterations, requests), columns in the given order: one pass holds all three requests, sorted by length
-    order = sorted(range(len(REQUESTS)), key=lambda i: values_module._suffix_tokens(tok, REQUESTS[i]))
-    losses = torch.stack(trajectory)[:, torch.argsort(torch.tensor(order))]
+    losses = torch.stack(trajectory)[:, torch.argsort(torch.tensor(values_module.pass_order(tok, REQUESTS)))]
     assert losses.shape == (n_steps, len(REQUESTS))
     monkeypatch.undo()
 
