@@ -5,6 +5,7 @@
     python benchmarks/edit_speed.py --fresh-stats        # also time the key statistics (empty cache)
     python benchmarks/edit_speed.py --hparams paper --data counterfact   # the paper's LLaMA3-8B settings, real CounterFact
     python benchmarks/edit_speed.py --method memit --batch 20 --edits 40 --data counterfact   # any registered method
+    python benchmarks/edit_speed.py --malloc-peak        # also the peak of malloc'd bytes, beside the RSS (glibc)
 
 It runs the real Lightning loop (SequentialEditor + EditDataModule, CSV logging, no
 checkpoints) and reads the editor's phase timer. Statistics are a one-off cost per model
@@ -14,8 +15,10 @@ and corpus, so they are reported apart from the per-edit figure unless --fresh-s
 from __future__ import annotations
 
 import argparse
-import resource
+import ctypes
 import os
+import resource
+import threading
 import tempfile
 import time
 from contextlib import contextmanager
@@ -73,6 +76,46 @@ class PeakByPhase:
         return getattr(self.timer, name)
 
 
+class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (glibc >= 2.33)
+    _fields_ = [(f, ctypes.c_size_t) for f in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+class AllocatedPeak:
+    """Peak of the bytes malloc has handed out and not taken back (glibc's mallinfo2), sampled every
+    `interval` s in a thread, beside what malloc held from the system at that moment.
+
+    RSS also counts blocks that were freed but that glibc keeps, so the two together say how much of
+    the peak is memory the program holds and how much is the allocator's. None where not glibc."""
+
+    def __init__(self, interval: float = 0.005):
+        try:
+            self._mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+            self._mallinfo2.restype = _MallInfo2
+        except (OSError, AttributeError):
+            self._mallinfo2 = None
+        self.interval, self.peak, self.held_at_peak = interval, 0.0, 0.0
+        self._stop = threading.Event()
+
+    def now(self) -> tuple[float, float]:
+        m = self._mallinfo2()
+        return (m.uordblks + m.hblkhd) / 1024**3, (m.arena + m.hblkhd) / 1024**3  # (allocated, held from the system)
+
+    def start(self) -> "AllocatedPeak":
+        if self._mallinfo2 is not None:
+            self.at_start = self.now()[0]
+            threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            allocated, held = self.now()
+            if allocated > self.peak:
+                self.peak, self.held_at_peak = allocated, held
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def tensor_gb(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 1024**3
 
@@ -84,6 +127,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--requests-per-pass", type=int, default=ValueOptimization.requests_per_pass,
                         help="requests sharing one forward/backward pass of the value search (memory vs speed)")
+    parser.add_argument("--malloc-peak", action="store_true",
+                        help="also sample malloc's allocated bytes (glibc mallinfo2, every 5 ms): slows the run by a few per cent")
     parser.add_argument("--reference", action="store_true", help="straightforward one-request-at-a-time value optimisation")
     parser.add_argument("--fresh-stats", action="store_true", help="compute key statistics into an empty cache")
     parser.add_argument("--stats-samples", type=int, default=200)
@@ -115,6 +160,9 @@ def main() -> None:
     else:
         method = create_method(args.method, values=values, stats=stats)
     baseline = rss_gb()  # interpreter, torch, transformers, lightning imported
+    allocated = AllocatedPeak()
+    if args.malloc_peak:
+        allocated.start()
     start = time.perf_counter()
     editor = SequentialEditor(method=method, filters=[SphereProjection(0.5, method.sphere_strength)], eval_every=1)
     load_s = time.perf_counter() - start
@@ -137,6 +185,7 @@ def main() -> None:
     start = time.perf_counter()
     trainer.fit(editor, data)
     total = time.perf_counter() - start
+    allocated.stop()
 
     seconds = dict(peaks.timer.seconds)
     n = editor.editor.edits_applied
@@ -166,6 +215,10 @@ def main() -> None:
     print("phases that raised the peak: " + ", ".join(f"{p} +{gb:.2f} GB" for p, gb in peaks.raised.items() if gb >= 0.005))
     budget = 1.5 * (model_gb + stats_gb)
     print(f"peak above the imports: {peak_rss_gb() - baseline:.2f} GB; budget 1.5 x (model + statistics) = {budget:.2f} GB")
+    if args.malloc_peak and allocated._mallinfo2 is not None:
+        print(f"malloc: peak allocated {allocated.peak:.2f} GB ({allocated.peak - allocated.at_start:.2f} above the imports), "
+              f"held from the system at that moment {allocated.held_at_peak:.2f} GB (the rest of the RSS: interpreter, libraries, "
+              f"Python's own arenas)")
     if torch.cuda.is_available():
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB")
 

@@ -27,23 +27,29 @@ def _first(x):
 
 
 @torch.no_grad()
-def capture(model: nn.Module, inputs: dict | None, inputs_of: list[str] = (), outputs_of: list[str] = (), stop_after: str | None = None, run=None):
+def capture(
+    model: nn.Module, inputs: dict | None, inputs_of: list[str] = (), outputs_of: list[str] = (), stop_after: str | None = None, run=None,
+    keep=None,
+):
     """Run `model(**inputs)` (or `run()`) and return {("in"|"out", name): tensor} for module inputs and outputs.
 
     With `stop_after`, the forward pass is abandoned as soon as that module has run.
     Module names are resolved before anything runs, so `run` may swap blocks around.
+    `keep` (tensor -> tensor), e.g. a gather of a few positions, is applied inside the hook,
+    so the whole (batch, seq, d) activation is never held past its module.
     """
+    keep = keep or (lambda x: x)
     found: dict[str, torch.Tensor] = {}
     handles = []
 
     def input_hook(name):
         def hook(module, args, kwargs):
-            found[("in", name)] = (args[0] if args else next(iter(kwargs.values()))).detach()
+            found[("in", name)] = keep((args[0] if args else next(iter(kwargs.values()))).detach())
         return hook
 
     def output_hook(name):
         def hook(module, args, output):
-            found[("out", name)] = _first(output).detach()
+            found[("out", name)] = keep(_first(output).detach())
             if name == stop_after:
                 raise _StopForward
         return hook

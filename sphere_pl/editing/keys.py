@@ -103,11 +103,14 @@ class KeyReader:
             def run(hidden=hidden, mask=mask):
                 run_from_layer(self.model, self.templates, hidden, mask, self.from_layer, max(needed) + 1)
 
-            found = capture(self.model, None, inputs_of=key_names, outputs_of=[out_name] if out_name else [], run=run)
+            def at_subject(x, rows=rows, cols=cols):  # (seqs, d): the subject's last token, taken inside the hook
+                return x[rows, cols].float()
+
+            found = capture(self.model, None, inputs_of=key_names, outputs_of=[out_name] if out_name else [], run=run, keep=at_subject)
             for layer, name in zip(key_layers, key_names):
-                keys[layer].append(found[("in", name)][rows, cols].float())
+                keys[layer].append(found[("in", name)])
             if out_name:
-                outputs.append(found[("out", out_name)][rows, cols].float())
+                outputs.append(found[("out", out_name)])
 
         keys = {layer: _group_average(torch.cat(v), self.n, self.context_groups) for layer, v in keys.items()}
         if out_name is None:

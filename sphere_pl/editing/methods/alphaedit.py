@@ -124,7 +124,11 @@ class AlphaEdit(LocateThenEdit):
             projectors = read_projectors_file(self.projectors_file, len(self.layers), d_in)
         else:
             moments = self.key_second_moments(lm)
-            projectors = torch.stack([nullspace_projector(moments[layer], self.nullspace_threshold) for layer in self.layers])
+            c0 = moments[self.layers[0]]
+            projectors = torch.empty(len(self.layers), *c0.shape, dtype=c0.dtype)
+            del c0
+            for i, layer in enumerate(self.layers):  # each C0 dropped once its projector is written
+                projectors[i] = nullspace_projector(moments.pop(layer), self.nullspace_threshold)
         empty = [layer for layer, p in zip(self.layers, projectors) if not bool(p.any())]
         if empty:
             raise ValueError(

@@ -57,9 +57,13 @@ class MEMIT(LocateThenEdit):
     def setup(self, lm: LoadedModel) -> None:
         super().setup(lm)
         moments = self.key_second_moments(lm)
-        # λ C0 per layer, float64; recomputed from the statistics cache at every set-up, so not checkpointed
-        weighted = torch.stack([self.mom2_update_weight * moments[layer].double() for layer in self.layers])
-        self.register_buffer("weighted_moments", weighted.to(lm.device), persistent=False)
+        # λ C0 per layer, float64; recomputed from the statistics cache at every set-up, so not checkpointed.
+        # Filled in place, each float32 C0 dropped once copied: no second stack of the matrices at the peak.
+        d_in = moments[self.layers[0]].shape[0]
+        weighted = torch.empty(len(self.layers), d_in, d_in, dtype=torch.float64, device=lm.device)
+        for i, layer in enumerate(self.layers):
+            weighted[i].copy_(moments.pop(layer)).mul_(self.mom2_update_weight)
+        self.register_buffer("weighted_moments", weighted, persistent=False)
 
     def solve(self, index: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         k, r = keys.double(), residuals.double()
