@@ -18,8 +18,8 @@ import argparse
 import ctypes
 import os
 import resource
-import threading
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,7 +85,7 @@ class AllocatedPeak:
     `interval` s in a thread, beside what malloc held from the system at that moment.
 
     RSS also counts blocks that were freed but that glibc keeps, so the two together say how much of
-    the peak is memory the program holds and how much is the allocator's. None where not glibc."""
+    the peak is memory the program holds and how much is the allocator's. Off where libc has no mallinfo2."""
 
     def __init__(self, interval: float = 0.005):
         try:

@@ -124,9 +124,8 @@ class AlphaEdit(LocateThenEdit):
             projectors = read_projectors_file(self.projectors_file, len(self.layers), d_in)
         else:
             moments = self.key_second_moments(lm)
-            c0 = moments[self.layers[0]]
-            projectors = torch.empty(len(self.layers), *c0.shape, dtype=c0.dtype)
-            del c0
+            shape, dtype = moments[self.layers[0]].shape, moments[self.layers[0]].dtype
+            projectors = torch.empty(len(self.layers), *shape, dtype=dtype)
             for i, layer in enumerate(self.layers):  # each C0 dropped once its projector is written
                 projectors[i] = nullspace_projector(moments.pop(layer), self.nullspace_threshold)
         empty = [layer for layer, p in zip(self.layers, projectors) if not bool(p.any())]
