@@ -93,6 +93,7 @@ class AllocatedPeak:
             self._mallinfo2.restype = _MallInfo2
         except (OSError, AttributeError):
             self._mallinfo2 = None
+        self.available = self._mallinfo2 is not None
         self.interval, self.peak, self.held_at_peak = interval, 0.0, 0.0
         self._stop = threading.Event()
 
@@ -101,7 +102,7 @@ class AllocatedPeak:
         return (m.uordblks + m.hblkhd) / 1024**3, (m.arena + m.hblkhd) / 1024**3  # (allocated, held from the system)
 
     def start(self) -> "AllocatedPeak":
-        if self._mallinfo2 is not None:
+        if self.available:
             self.at_start = self.now()[0]
             threading.Thread(target=self._run, daemon=True).start()
         return self
@@ -160,9 +161,7 @@ def main() -> None:
     else:
         method = create_method(args.method, values=values, stats=stats)
     baseline = rss_gb()  # interpreter, torch, transformers, lightning imported
-    allocated = AllocatedPeak()
-    if args.malloc_peak:
-        allocated.start()
+    allocated = AllocatedPeak().start() if args.malloc_peak else None
     start = time.perf_counter()
     editor = SequentialEditor(method=method, filters=[SphereProjection(0.5, method.sphere_strength)], eval_every=1)
     load_s = time.perf_counter() - start
@@ -185,7 +184,8 @@ def main() -> None:
     start = time.perf_counter()
     trainer.fit(editor, data)
     total = time.perf_counter() - start
-    allocated.stop()
+    if allocated:
+        allocated.stop()
 
     seconds = dict(peaks.timer.seconds)
     n = editor.editor.edits_applied
@@ -215,7 +215,7 @@ def main() -> None:
     print("phases that raised the peak: " + ", ".join(f"{p} +{gb:.2f} GB" for p, gb in peaks.raised.items() if gb >= 0.005))
     budget = 1.5 * (model_gb + stats_gb)
     print(f"peak above the imports: {peak_rss_gb() - baseline:.2f} GB; budget 1.5 x (model + statistics) = {budget:.2f} GB")
-    if args.malloc_peak and allocated._mallinfo2 is not None:
+    if allocated and allocated.available:
         print(f"malloc: peak allocated {allocated.peak:.2f} GB ({allocated.peak - allocated.at_start:.2f} above the imports), "
               f"held from the system at that moment {allocated.held_at_peak:.2f} GB (the rest of the RSS: interpreter, libraries, "
               f"Python's own arenas)")
