@@ -30,6 +30,25 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def fork_context(tmp_path_factory):
+    """multiprocessing's forkserver context, the server having imported sphere_pl (tests/forked_cli.py)."""
+    from forked_cli import context
+    from helpers import cli_env
+
+    return context(cli_env(tmp_path_factory.mktemp("fork-server")))
+
+
+@pytest.fixture(scope="session")
+def forked_cli(fork_context):
+    """`run(args, cwd, env, ok=True)`: `python -m sphere_pl ARGS` forked from the server, as `helpers.run_cli`."""
+    from functools import partial
+
+    from forked_cli import run_cli_forked
+
+    return partial(run_cli_forked, fork_context)
+
+
+@pytest.fixture(scope="session")
 def stats_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("stats-cache"))
 

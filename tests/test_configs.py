@@ -1,5 +1,8 @@
 """Every shipped config parses as a user runs it (`--print_config`, no model loaded), and a
-model's method configs pick up its shared statistics and value-search files."""
+model's method configs pick up its shared statistics and value-search files.
+
+Each parse is `python -m sphere_pl` in its own process, forked from a server that has imported
+sphere_pl (`forked_cli`, tests/forked_cli.py) instead of paying 6-8 s of imports per config."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, cli_env, run_cli
+from helpers import REPO, cli_env
 
 METHOD_CLASSES = {
     "alphaedit": "sphere_pl.AlphaEdit",
@@ -29,10 +32,10 @@ def test_every_config_file_is_covered():
 
 
 @pytest.mark.parametrize("model, method", CASES)
-def test_method_configs_share_the_model_files(tmp_path, model, method):
+def test_method_configs_share_the_model_files(tmp_path, model, method, forked_cli):
     directory = REPO / "configs" / model
     args = ["fit", "--config", str(directory / "common.yaml"), "--config", str(directory / f"{method}.yaml"), "--print_config"]
-    config = yaml.safe_load(run_cli(args, REPO, cli_env(tmp_path)).stdout)
+    config = yaml.safe_load(forked_cli(args, REPO, cli_env(tmp_path)).stdout)
     chosen = config["model"]["method"]
     assert chosen["class_path"] == METHOD_CLASSES[method]
     common = yaml.safe_load((directory / "common.yaml").read_text())
@@ -45,9 +48,9 @@ def test_method_configs_share_the_model_files(tmp_path, model, method):
     assert alpha == (0.5 if method == "alphaedit" else 0.8)  # the paper's α per method
 
 
-def test_quickstart_with_the_evaluation_overlay(tmp_path):
+def test_quickstart_with_the_evaluation_overlay(tmp_path, forked_cli):
     args = ["fit", "--config", "configs/quickstart.yaml", "--config", "configs/evaluation_suite.yaml", "--print_config"]
-    config = yaml.safe_load(run_cli(args, REPO, cli_env(tmp_path)).stdout)
+    config = yaml.safe_load(forked_cli(args, REPO, cli_env(tmp_path)).stdout)
     tasks = [t["class_path"].rsplit(".", 1)[1] for t in config["general"]["tasks"]]
     assert tasks == ["ReasoningTask", "NLITask", "ClosedQATask", "OpenQATask", "PerplexityTask"]
     assert all(Path(REPO / t["init_args"]["path"]).is_file() for t in config["general"]["tasks"])

@@ -1,6 +1,10 @@
-"""The CLI as a user meets it (subprocess runs on a tiny model saved to a temp dir): the end-of-run
+"""The CLI as a user meets it (runs on a tiny model saved to a temp dir): the end-of-run
 summary, export / apply / rollback, resuming, and the refusals of bad input, each checked for
-its message and for leaving models, checkpoints and output paths untouched."""
+its message and for leaving models, checkpoints and output paths untouched.
+
+The fit every test reads is a real `python -m sphere_pl` subprocess; the ~30 commands after it
+are each a process forked from a server that has imported sphere_pl (`forked_cli`,
+tests/forked_cli.py): the same `__main__`, exit status and stderr, without 6-8 s of imports each."""
 
 from __future__ import annotations
 
@@ -127,13 +131,13 @@ def test_per_case_files_hold_every_prompt_and_agree_with_the_logged_metrics(fitt
     assert sorted({row["edits"] for row in last}) == [4, 8, 12]
 
 
-def test_export_then_apply_writes_a_standard_checkpoint_with_the_edits(fitted, tiny_model_dir):
+def test_export_then_apply_writes_a_standard_checkpoint_with_the_edits(fitted, tiny_model_dir, forked_cli):
     from transformers import AutoModelForCausalLM
 
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
     patch = root / "edits.safetensors"
-    run_cli(["export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--out", str(patch)], root, env)
-    run_cli(["apply", "--patch", str(patch), "--model", tiny_model_dir, "--out", str(root / "edited-model")], root, env)
+    forked_cli(["export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--out", str(patch)], root, env)
+    forked_cli(["apply", "--patch", str(patch), "--model", tiny_model_dir, "--out", str(root / "edited-model")], root, env)
 
     edited = AutoModelForCausalLM.from_pretrained(root / "edited-model", dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -149,11 +153,11 @@ def test_export_then_apply_writes_a_standard_checkpoint_with_the_edits(fitted, t
     assert float(rescored["efficacy_score"]) == pytest.approx(summary["final"]["final/edited/efficacy_score"])
 
 
-def test_rollback_equals_the_run_stopped_earlier_and_resumes_to_the_same_end(fitted):
+def test_rollback_equals_the_run_stopped_earlier_and_resumes_to_the_same_end(fitted, forked_cli):
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
     checkpoints = run / "checkpoints"
     rolled = root / "rolled.ckpt"
-    run_cli(["rollback", "--ckpt_path", str(checkpoints / "last.ckpt"), "--batches", "2", "--out", str(rolled)], root, env)
+    forked_cli(["rollback", "--ckpt_path", str(checkpoints / "last.ckpt"), "--batches", "2", "--out", str(rolled)], root, env)
     got, expected = load_state(rolled), load_state(checkpoints / "edits-000004.ckpt")
     assert (got["batches_done"], got["edits_applied"], got["case_ids"]) == (1, 4, expected["case_ids"])
     for name in expected["weights"]:
@@ -169,7 +173,7 @@ def test_rollback_equals_the_run_stopped_earlier_and_resumes_to_the_same_end(fit
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(resumed_root)
     config["checkpoint"]["dirpath"] = str(resumed_root / "checkpoints")
     resumed_config = write_config(root / "resumed.yaml", config)
-    run_cli(["fit", "--config", resumed_config, "--ckpt_path", str(rolled)], root, env)
+    forked_cli(["fit", "--config", resumed_config, "--ckpt_path", str(rolled)], root, env)
     end, original_end = load_state(resumed_root / "checkpoints" / "last.ckpt"), load_state(checkpoints / "last.ckpt")
     assert end["batches_done"] == NUM_BATCHES
     for name in end["weights"]:
@@ -184,27 +188,27 @@ def test_rollback_equals_the_run_stopped_earlier_and_resumes_to_the_same_end(fit
         (["export", "--out", "{root}/never.safetensors", "--ckpt_path", "{root}/edit.yaml"], "is not a readable sphere_pl checkpoint"),
     ],
 )
-def test_refused_checkpoint_commands_name_the_problem_and_write_nothing(fitted, args, message):
+def test_refused_checkpoint_commands_name_the_problem_and_write_nothing(fitted, args, message, forked_cli):
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
     last = run / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
     if "--ckpt_path" not in args:
         args = args + ["--ckpt_path", str(last)]
     args = [a.format(root=root) for a in args]
-    result = run_cli(args, root, env, ok=False)
+    result = forked_cli(args, root, env, ok=False)
     assert message in result.stderr
     assert last.read_bytes() == before
     assert not list(run.glob("checkpoints/rolled-back-*")) and not (root / "never.safetensors").exists()
 
 
-def test_patch_for_another_model_or_with_a_missing_tensor_is_refused(fitted, other_model_dir):
+def test_patch_for_another_model_or_with_a_missing_tensor_is_refused(fitted, other_model_dir, forked_cli):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
     patch = root / "for-refusals.safetensors"
-    run_cli(["export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--out", str(patch)], root, env)
-    result = run_cli(["apply", "--patch", str(patch), "--model", other_model_dir, "--out", str(root / "wrong")], root, env, ok=False)
+    forked_cli(["export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--out", str(patch)], root, env)
+    result = forked_cli(["apply", "--patch", str(patch), "--model", other_model_dir, "--out", str(root / "wrong")], root, env, ok=False)
     metadata = json.loads(safe_open(str(patch), framework="pt").metadata()["sphere_pl"])
     assert metadata["base_fingerprint"] in result.stderr and "base fingerprint" in result.stderr
     assert not (root / "wrong").exists()
@@ -212,7 +216,7 @@ def test_patch_for_another_model_or_with_a_missing_tensor_is_refused(fitted, oth
     tensors = load_file(str(patch))
     del tensors["model.layers.2.mlp.down_proj.delta"]
     save_file(tensors, str(root / "torn.safetensors"), metadata=safe_open(str(patch), framework="pt").metadata())
-    result = run_cli(["apply", "--patch", str(root / "torn.safetensors"), "--out", str(root / "torn")], root, env, ok=False)
+    result = forked_cli(["apply", "--patch", str(root / "torn.safetensors"), "--out", str(root / "torn")], root, env, ok=False)
     assert "lacks tensor 'model.layers.2.mlp.down_proj.delta'" in result.stderr
     assert not (root / "torn").exists()
 
@@ -224,33 +228,33 @@ def latest_csv_rows(directory: Path, which: int = -1) -> list[dict]:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
-def test_validate_and_test_evaluate_a_patch_without_its_checkpoint(fitted, other_model_dir):
+def test_validate_and_test_evaluate_a_patch_without_its_checkpoint(fitted, other_model_dir, forked_cli):
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
     patch = root / "for-validate.safetensors"
-    run_cli(["export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--out", str(patch)], root, env)
+    forked_cli(["export", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--out", str(patch)], root, env)
     summary = json.loads((run / "summary.json").read_text())
 
-    run_cli(["validate", "--config", fitted["config"], "--patch", str(patch)], root, env)
+    forked_cli(["validate", "--config", fitted["config"], "--patch", str(patch)], root, env)
     validated = [r for r in latest_csv_rows(run / "csv") if "final/edited/efficacy_score" in r][-1]
     for key, value in summary["final"].items():  # the same scores as the end of the run that made the patch
         assert validated[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
-    run_cli(["test", "--config", fitted["config"], "--patch", str(patch)], root, env)
+    forked_cli(["test", "--config", fitted["config"], "--patch", str(patch)], root, env)
     tested = [r for r in latest_csv_rows(run / "csv") if "final/never_edited/specificity_score" in r]
     assert tested and 0.0 <= tested[-1]["final/never_edited/specificity_score"] <= 1.0
 
     # refusals, each naming the problem
     other = write_config(root / "other.yaml", {**yaml.safe_load(Path(fitted["config"]).read_text()), "model": {
         **yaml.safe_load(Path(fitted["config"]).read_text())["model"], "model_name_or_path": other_model_dir}})  # fmt: skip
-    result = run_cli(["validate", "--config", other, "--patch", str(patch)], root, env, ok=False)
+    result = forked_cli(["validate", "--config", other, "--patch", str(patch)], root, env, ok=False)
     assert "base fingerprint" in result.stderr and str(patch) in result.stderr
-    result = run_cli(["validate", "--config", fitted["config"], "--patch", str(root / "missing.safetensors")], root, env, ok=False)
+    result = forked_cli(["validate", "--config", fitted["config"], "--patch", str(root / "missing.safetensors")], root, env, ok=False)
     assert "patch not found" in result.stderr
-    result = run_cli(["fit", "--config", fitted["config"], "--patch", str(patch)], root, env, ok=False)
+    result = forked_cli(["fit", "--config", fitted["config"], "--patch", str(patch)], root, env, ok=False)
     assert "--patch is for validate and test" in result.stderr
 
 
-def test_validate_on_two_ddp_processes_gives_the_single_process_metrics(fitted):
+def test_validate_on_two_ddp_processes_gives_the_single_process_metrics(fitted, forked_cli):
     """Evaluation records sharded over 2 CPU processes (gloo); torchmetrics sums the states."""
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
     ckpt = str(run / "checkpoints" / "last.ckpt")
@@ -263,12 +267,12 @@ def test_validate_on_two_ddp_processes_gives_the_single_process_metrics(fitted):
         {"class_path": "sphere_pl.evaluation.general.PerplexityTask",
          "init_args": {"path": str(shared / "wikitext-2" / "test.txt"), "max_windows": 3, "seq_len": 32}},
     ]}})  # fmt: skip
-    run_cli(["validate", "--config", fitted["config"], "--config", general, "--ckpt_path", ckpt], root, env)
+    forked_cli(["validate", "--config", fitted["config"], "--config", general, "--ckpt_path", ckpt], root, env)
     single = [r for r in latest_csv_rows(run / "csv") if "final/edited/efficacy_score" in r][-1]
     single_cases = [json.loads(line) for line in (cases / "final-edited.jsonl").read_text().splitlines()]
 
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    run_cli(["validate", "--config", fitted["config"], "--config", general, "--ckpt_path", ckpt, *ddp], root, env)
+    forked_cli(["validate", "--config", fitted["config"], "--config", general, "--ckpt_path", ckpt, *ddp], root, env)
     double = [r for r in latest_csv_rows(run / "csv") if "final/edited/efficacy_score" in r][-1]
     single.update(next(r for r in reversed(latest_csv_rows(run / "csv", -2)) if "final/general/nli/acc" in r))
     double.update(next(r for r in reversed(latest_csv_rows(run / "csv")) if "final/general/nli/acc" in r))
@@ -286,16 +290,16 @@ def test_validate_on_two_ddp_processes_gives_the_single_process_metrics(fitted):
     assert len(shards[0]) + len(shards[1]) == len(single_cases)
 
     # editing itself stays on one process, said plainly before anything is loaded twice
-    result = run_cli(["fit", "--config", fitted["config"], *ddp], root, env, ok=False)
+    result = forked_cli(["fit", "--config", fitted["config"], *ddp], root, env, ok=False)
     assert "fit edits on one process" in result.stderr and "validate/test" in result.stderr
 
 
-def test_resuming_a_finished_run_still_ends_with_its_final_evaluation(fitted):
+def test_resuming_a_finished_run_still_ends_with_its_final_evaluation(fitted, forked_cli):
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
     again = root / "resumed-at-end"
     args = ["fit", "--config", fitted["config"], "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
             "--trainer.default_root_dir", str(again), "--model.cases_dir", str(again / "cases")]  # fmt: skip
-    result = run_cli(args, root, env)
+    result = forked_cli(args, root, env)
     assert "sphere_pl run summary: 12 edits in 3 batches" in result.stdout
     original = json.loads((run / "summary.json").read_text())["final"]
     resumed = json.loads((again / "summary.json").read_text())["final"]
@@ -303,15 +307,15 @@ def test_resuming_a_finished_run_still_ends_with_its_final_evaluation(fitted):
     assert resumed == pytest.approx(original, rel=1e-6, abs=1e-9)
 
 
-def test_resume_refuses_a_checkpoint_of_another_model_or_a_url(fitted, other_model_dir, stats_cache):
+def test_resume_refuses_a_checkpoint_of_another_model_or_a_url(fitted, other_model_dir, stats_cache, forked_cli):
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
     other_root = root / "other"
     config = write_config(root / "other.yaml", run_config(other_model_dir, stats_cache, other_root))
-    result = run_cli(["fit", "--config", config, "--ckpt_path", str(run / "checkpoints" / "edits-000004.ckpt")], root, env, ok=False)
+    result = forked_cli(["fit", "--config", config, "--ckpt_path", str(run / "checkpoints" / "edits-000004.ckpt")], root, env, ok=False)
     assert "the saved state was made for model" in result.stderr and other_model_dir in result.stderr
     assert not list(other_root.glob("checkpoints/*.ckpt"))  # nothing edited, nothing written
 
-    result = run_cli(["fit", "--config", config, "--ckpt_path", "https://example.invalid/last.ckpt"], root, env, ok=False)
+    result = forked_cli(["fit", "--config", config, "--ckpt_path", "https://example.invalid/last.ckpt"], root, env, ok=False)
     assert "is a URL" in result.stderr
 
 
@@ -327,13 +331,13 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_checkpoints_with_pickled_code_or_from_another_run_are_refused(fitted, tmp_path):
+def test_checkpoints_with_pickled_code_or_from_another_run_are_refused(fitted, tmp_path, forked_cli):
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
     marker = tmp_path / "code-ran"
     crafted = tmp_path / "crafted.ckpt"
     torch.save({"sphere_pl": _RunsCode(marker), "state_dict": {}}, crafted)
     for command in (["fit", "--config", fitted["config"]], ["export", "--out", str(tmp_path / "p.safetensors")]):
-        result = run_cli([*command, "--ckpt_path", str(crafted)], root, env, ok=False)
+        result = forked_cli([*command, "--ckpt_path", str(crafted)], root, env, ok=False)
         assert "Unpickl" in result.stderr or "weights_only" in result.stderr
         assert not marker.exists()  # the pickled code never ran
 
@@ -343,7 +347,7 @@ def test_checkpoints_with_pickled_code_or_from_another_run_are_refused(fitted, t
     config["checkpoint"]["dirpath"] = str(tmp_path / "checkpoints")
     config["trainer"]["default_root_dir"] = str(tmp_path)
     other_run = write_config(tmp_path / "other-run.yaml", config)
-    result = run_cli(["fit", "--config", other_run, "--ckpt_path", str(run / "checkpoints" / "edits-000004.ckpt")], root, env, ok=False)
+    result = forked_cli(["fit", "--config", other_run, "--ckpt_path", str(run / "checkpoints" / "edits-000004.ckpt")], root, env, ok=False)
     assert "the checkpoint is from another run: its edit batch 0 held case_ids" in result.stderr
     assert not list((tmp_path / "checkpoints").glob("*.ckpt"))
 
@@ -358,9 +362,9 @@ def test_checkpoints_with_pickled_code_or_from_another_run_are_refused(fitted, t
         ("sphere_pl.FineTune", {"norm_constraint": 0.001}, "norm_constraint: 0.001"),
     ],
 )
-def test_every_method_is_configurable_by_class_path(tmp_path, class_path, init_args, shown):
+def test_every_method_is_configurable_by_class_path(tmp_path, class_path, init_args, shown, forked_cli):
     config = write_config(tmp_path / "m.yaml", {"model": {"method": {"class_path": class_path, "init_args": init_args}}})
-    result = run_cli(["fit", "--config", config, "--print_config"], tmp_path, cli_env(tmp_path))
+    result = forked_cli(["fit", "--config", config, "--print_config"], tmp_path, cli_env(tmp_path))
     method = yaml.safe_load(result.stdout)["model"]["method"]
     assert method["class_path"] == class_path
     assert shown in yaml.safe_dump(method["init_args"])

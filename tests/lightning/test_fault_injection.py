@@ -10,7 +10,6 @@ starts again when the kill came before the first checkpoint.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import signal
@@ -51,10 +50,10 @@ def _fit(argv: list[str], kill_during_write: int | None) -> None:
 
 
 @pytest.fixture(scope="module")
-def fork_server():
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["sphere_pl.lightning.cli", "test_fault_injection"])
-    return context
+def fork_server(fork_context):
+    """multiprocessing's forkserver, which preloads sphere_pl.lightning.cli, the modules a fit imports
+    lazily, and this module (tests/forked_cli.py; one server per pytest process, shared with the CLI tests)."""
+    return fork_context
 
 
 def start(context, argv, kill_during_write=None):
