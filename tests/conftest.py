@@ -15,6 +15,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CORPUS = SHARED_DATA / "wikitext-2" / "valid.txt"
 CONTEXT_TEMPLATES = ["Hello there. {}", "A b c. {}"]
+HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
 def pytest_configure(config):
@@ -27,6 +29,46 @@ def tiny_model_dir(tmp_path_factory) -> str:
     from helpers import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def _smollm2_once():
+    """The embedded SmolLM2-135M-Instruct (GGUF, ~15-25 s to load) loaded once, and a copy of its weights."""
+    from sphere_pl import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(None)
+    pristine = {name: tensor.detach().clone() for name, tensor in model.state_dict(keep_vars=True).items()}
+    return model, tokenizer, pristine
+
+
+@pytest.fixture
+def smollm2(_smollm2_once):
+    """(model, tokenizer) of the embedded SmolLM2, as `load_model_and_tokenizer(None)` returns them,
+    shared by the session: after each test every weight is copied back from the freshly loaded
+    ones, and train/eval modes, requires_grad flags, hooks and the tokenizer's padding put back."""
+    model, tokenizer, pristine = _smollm2_once
+    modes = {name: module.training for name, module in model.named_modules()}
+    grads = {name: param.requires_grad for name, param in model.named_parameters()}
+    hooks = {
+        name: {kind: dict(getattr(module, kind)) for kind in HOOK_DICTS}
+        for name, module in model.named_modules()
+    }
+    settings = {key: getattr(tokenizer, key) for key in ("padding_side", "truncation_side", "pad_token")}
+    try:
+        yield model, tokenizer
+    finally:
+        with torch.no_grad():
+            for name, tensor in model.state_dict(keep_vars=True).items():
+                tensor.copy_(pristine[name])
+        for name, module in model.named_modules():
+            module.training = modes[name]
+            for kind, kept in hooks[name].items():
+                getattr(module, kind).clear()
+                getattr(module, kind).update(kept)
+        for name, param in model.named_parameters():
+            param.requires_grad_(grads[name])
+        for key, value in settings.items():
+            setattr(tokenizer, key, value)
 
 
 @pytest.fixture(scope="session")

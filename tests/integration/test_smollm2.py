@@ -21,7 +21,24 @@ pytestmark = [
 ]
 
 
-def test_eight_real_edits_take_and_unrelated_facts_survive(tmp_path):
+@pytest.fixture
+def editor_gets_the_shared_smollm2(smollm2, monkeypatch):
+    """SequentialEditor's `load_model_and_tokenizer(None)` returns the session's SmolLM2 (conftest
+    `smollm2`: the same loaded weights, put back after the test) instead of parsing the GGUF again."""
+    import sphere_pl.lightning.module as module
+
+    real = module.load_model_and_tokenizer
+
+    def load(name_or_path=None, dtype="float32", gguf_file=None, trust_remote_code=False):
+        if name_or_path is None and dtype == "float32" and gguf_file is None and not trust_remote_code:
+            return smollm2
+        return real(name_or_path, dtype, gguf_file, trust_remote_code)
+
+    monkeypatch.setattr(module, "load_model_and_tokenizer", load)
+    return smollm2
+
+
+def test_eight_real_edits_take_and_unrelated_facts_survive(tmp_path, editor_gets_the_shared_smollm2):
     method = AlphaEdit(
         layers=[4, 5, 6, 7, 8],
         # the quickstart config's values (configs/quickstart.yaml)
@@ -29,6 +46,7 @@ def test_eight_real_edits_take_and_unrelated_facts_survive(tmp_path):
         stats=KeyStatistics(corpus=str(CORPUS), num_samples=100, seq_len=256, cache_dir=str(tmp_path / "stats")),
     )
     editor = SequentialEditor(method=method, filters=[SphereProjection(0.5, 0.5, "current")], eval_every=1)
+    assert editor.model is editor_gets_the_shared_smollm2[0]
     data = EditDataModule(source="quickstart", num_edits=4, dataset_size_limit=8, num_holdout=20, seed=0)
     data.setup("fit")
     assert len(data.edit_requests) == 8 and len(data.holdout_requests) == 20
@@ -63,15 +81,19 @@ def test_eight_real_edits_take_and_unrelated_facts_survive(tmp_path):
 
 
 @pytest.mark.slow
-def test_apply_writes_a_standard_checkpoint_for_the_embedded_gguf_model(tmp_path):
-    """save_pretrained refuses GGUF-loaded models; `sphere-pl apply` must still write a loadable checkpoint."""
+def test_apply_writes_a_standard_checkpoint_for_the_embedded_gguf_model(tmp_path, smollm2, forked_cli):
+    """save_pretrained refuses GGUF-loaded models; `sphere-pl apply` must still write a loadable checkpoint.
+
+    `smollm2` is `load_model_and_tokenizer(None)` shared by the session (weights put back after the
+    test); `apply` runs in a process forked from the server that has imported sphere_pl and loads
+    the GGUF itself."""
     from transformers import AutoModelForCausalLM
 
-    from helpers import cli_env, run_cli
-    from sphere_pl import Patch, load_model_and_tokenizer
+    from helpers import cli_env
+    from sphere_pl import Patch
     from sphere_pl.editing.patch import base_fingerprint
 
-    model, _ = load_model_and_tokenizer(None)
+    model, _ = smollm2
     name = "model.layers.4.mlp.down_proj"
     before = {name: model.get_submodule(name).weight.detach().clone()}
     with torch.no_grad():
@@ -79,7 +101,7 @@ def test_apply_writes_a_standard_checkpoint_for_the_embedded_gguf_model(tmp_path
     patch = Patch.between(before, model, model_id="embedded:smollm2-135m-instruct", base_fingerprint=base_fingerprint(model, [name]),
                           first_batch=0, last_batch=0, case_ids=["synthetic"], num_edits=1)
     patch.save(tmp_path / "p.safetensors")
-    run_cli(["apply", "--patch", str(tmp_path / "p.safetensors"), "--model", "embedded:smollm2-135m-instruct", "--out", str(tmp_path / "out")], tmp_path, cli_env(tmp_path))
+    forked_cli(["apply", "--patch", str(tmp_path / "p.safetensors"), "--model", "embedded:smollm2-135m-instruct", "--out", str(tmp_path / "out")], tmp_path, cli_env(tmp_path))
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert torch.equal(saved.get_submodule(name).weight, model.get_submodule(name).weight)
     assert torch.equal(saved.get_submodule("model.layers.5.mlp.down_proj").weight, model.get_submodule("model.layers.5.mlp.down_proj").weight)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from helpers import brute_force_accuracy
-from sphere_pl import load_model_and_tokenizer
 from sphere_pl.data.records import EditRequest
 from sphere_pl.evaluation import score_targets
 from sphere_pl.evaluation.general import ClosedQATask, PerplexityTask
@@ -24,9 +23,8 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model_and_tokenizer(None)
+# `smollm2` (conftest): `load_model_and_tokenizer(None)`, loaded once per session and put back
+# to its loaded weights after every test that uses it
 
 
 def test_token_accuracy_on_known_facts_matches_brute_force(smollm2):
