@@ -6,9 +6,11 @@
     python benchmarks/edit_speed.py --hparams paper --data counterfact   # the paper's LLaMA3-8B settings, real CounterFact
     python benchmarks/edit_speed.py --method memit --batch 20 --edits 40 --data counterfact   # any registered method
     python benchmarks/edit_speed.py --malloc-peak        # also the peak of malloc'd bytes, beside the RSS (glibc)
+    python benchmarks/edit_speed.py --random-init llama3-8b --dtype bfloat16 --batch 100 --edits 200 \
+        --tokenizer DIR --data counterfact --hparams paper  # LLaMA3-8B's shapes, random weights (timing only; GPU)
 
 It runs the real Lightning loop (SequentialEditor + EditDataModule, CSV logging, no
-checkpoints) and reads the editor's phase timer. Statistics are a one-off cost per model
+checkpoints) and reads the editor's phase timer, on the GPU when there is one. Statistics are a one-off cost per model
 and corpus, so they are reported apart from the per-edit figure unless --fresh-stats.
 """
 
@@ -53,10 +55,31 @@ def rss_gb() -> float:
 
 
 class MemoryMarks(L.Callback):
-    """Resident memory after set-up (statistics, projectors) and its peak up to then."""
+    """Resident memory after set-up (statistics, projectors) and its peak up to then; on a GPU the same
+    for device memory, whose peak counter is then reset so that the editing peak is read apart."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.after_setup, self.peak_at_setup = rss_gb(), peak_rss_gb()
+        self.device = pl_module.device  # Lightning moves the module back to the CPU when fit ends
+        if torch.cuda.is_available():
+            self.cuda_after_setup = torch.cuda.memory_allocated() / 1024**3
+            self.cuda_peak_at_setup = torch.cuda.max_memory_allocated() / 1024**3
+            torch.cuda.reset_peak_memory_stats()
+
+
+class Progress(L.Callback):
+    """Prints set-up and each batch as they finish, so that a run stopped by a time limit still says where it was."""
+
+    def __init__(self, timer):
+        self.timer = timer
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+        print(f"set-up done: {dict((k, round(v, 1)) for k, v in self.timer.seconds.items())}", flush=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        seconds = {k: round(v, 1) for k, v in self.timer.seconds.items() if k not in ("setup", "statistics")}
+        print(f"batch {batch_idx}: {time.perf_counter() - self.start:.1f} s since set-up; phases so far {seconds}", flush=True)
 
 
 class PeakByPhase:
@@ -136,7 +159,17 @@ def main() -> None:
     parser.add_argument("--hparams", choices=sorted(HPARAMS), default="quickstart", help="value-optimisation settings")
     parser.add_argument("--method", default="alphaedit", help="a registered method (alphaedit, memit, rect, prune, rome, ft)")
     parser.add_argument("--data", default="quickstart", help="quickstart, or 'counterfact' for real CounterFact records (../shared/data)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="edited layers (default: the method's, 4-8)")
+    parser.add_argument("--nullspace-threshold", type=float, default=None,
+                        help="AlphaEdit's (default 2e-2). A random model's C0 may have no eigenvalue below it; the projector's "
+                             "cost does not depend on how many directions it keeps")
+    parser.add_argument("--model", default=None, help="hub name or local path (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="float32", help="the model's dtype (float32, bfloat16, float16)")
+    parser.add_argument("--random-init", metavar="CONFIG", default=None,
+                        help="random weights with this architecture (benchmarks/configs name or config.json), built on the run's device")
+    parser.add_argument("--tokenizer", default=None, help="with --random-init: a tokenizer directory (default: the embedded SmolLM2's)")
     args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the Trainer's accelerator="auto" picks the same
 
     if args.reference:  # swap the value solver for the per-request reference (same signature, returns z only)
         values_module_fast = values_module.optimize_values
@@ -159,11 +192,21 @@ def main() -> None:
     elif args.method == "rome":
         method = create_method("rome", layer=5, values=values, stats=stats)
     else:
-        method = create_method(args.method, values=values, stats=stats)
+        extra = {"layers": args.layers} if args.layers else {}
+        if args.nullspace_threshold is not None:
+            extra["nullspace_threshold"] = args.nullspace_threshold
+        method = create_method(args.method, values=values, stats=stats, **extra)
     baseline = rss_gb()  # interpreter, torch, transformers, lightning imported
     allocated = AllocatedPeak().start() if args.malloc_peak else None
     start = time.perf_counter()
-    editor = SequentialEditor(method=method, filters=[SphereProjection(0.5, method.sphere_strength)], eval_every=1)
+    if args.random_init:  # the module loads through load_model_and_tokenizer: hand it the random model instead
+        import sphere_pl.lightning.module as module_module
+        from random_model import build_random_model
+
+        built = build_random_model(args.random_init, args.tokenizer, args.dtype, device)
+        module_module.load_model_and_tokenizer = lambda *a, **k: built
+    editor = SequentialEditor(model_name_or_path=args.model, dtype=args.dtype, method=method,
+                              filters=[SphereProjection(0.5, method.sphere_strength)], eval_every=1)
     load_s = time.perf_counter() - start
     editor.editor.lm.timer = peaks = PeakByPhase(editor.editor.lm.timer)
     after_load = rss_gb()
@@ -173,7 +216,7 @@ def main() -> None:
     trainer = L.Trainer(
         max_epochs=1,
         logger=L.pytorch.loggers.CSVLogger(os.path.join(scratch.name, "logs")),
-        callbacks=[HypersphericalEnergyMonitor(), marks],
+        callbacks=[HypersphericalEnergyMonitor(), marks, Progress(peaks)],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -194,7 +237,10 @@ def main() -> None:
     setup_s = seconds.pop("setup", 0.0)
     statistics_s = seconds.pop("statistics", 0.0)
     per_edit = total - setup_s
-    print(f"device: {editor.editor.lm.device}, torch threads: {torch.get_num_threads()}, model load {load_s:.1f} s")
+    name = f"random {args.random_init}" if args.random_init else (args.model or "SmolLM2-135M-Instruct (embedded)")
+    gpu = f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""
+    print(f"model: {name}, {args.dtype}; device: {marks.device}{gpu}, torch {torch.__version__}, "
+          f"threads: {torch.get_num_threads()}, model load {load_s:.1f} s")
     print(f"mode: {'reference (per request, full forward passes)' if args.reference else 'fast (batched, prefix-cached)'}; "
           f"{args.method}, {n} edits from {args.data} in batches of {args.batch}, {args.steps} value steps, {args.hparams} hyper-parameters "
           f"{HPARAMS[args.hparams]}, {args.requests_per_pass} requests per pass")
@@ -219,8 +265,10 @@ def main() -> None:
         print(f"malloc: peak allocated {allocated.peak:.2f} GB ({allocated.peak - allocated.at_start:.2f} above the imports), "
               f"held from the system at that moment {allocated.held_at_peak:.2f} GB (the rest of the RSS: interpreter, libraries, "
               f"Python's own arenas)")
-    if torch.cuda.is_available():
-        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB")
+    if device == "cuda":
+        print(f"GPU memory (allocated by torch): after set-up {marks.cuda_after_setup:.2f} GB, peak during set-up "
+              f"{marks.cuda_peak_at_setup:.2f} GB, peak while editing {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB; "
+              f"reserved by the caching allocator {torch.cuda.max_memory_reserved() / 1024**3:.2f} GB")
 
 
 if __name__ == "__main__":
