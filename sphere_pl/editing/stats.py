@@ -226,10 +226,10 @@ def _convergence_rows(sums, previous, count_tensor, layers, batches, sequences, 
     for layer in layers:
         estimate = _all_reduce(sums[layer].clone()).double() / count
         before = previous.get(layer)
-        change = float(torch.linalg.matrix_norm(estimate - before) / torch.linalg.matrix_norm(estimate)) if before is not None else float("nan")
+        change = float(torch.linalg.matrix_norm(estimate - before.double()) / torch.linalg.matrix_norm(estimate)) if before is not None else float("nan")
         dimension = int((torch.linalg.eigvalsh(estimate) < cfg.nullspace_threshold).sum())
         rows.append({"layer": layer, "sequences": sequences, "tokens": int(count), "relative_change": change, "nullspace_dim": dimension})
-        estimates[layer] = estimate
+        estimates[layer] = estimate.float()  # kept until the next report: float32 halves it (5 x 0.8 GB on LLaMA3-8B)
         log.info(
             "key statistics, layer %d: %d sequences (%d tokens): C0 changed by %.3g since the last report; %d directions below %g",
             layer, sequences, int(count), change, dimension, cfg.nullspace_threshold,
