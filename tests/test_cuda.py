@@ -129,6 +129,24 @@ def test_key_statistics_on_the_gpu_equal_the_cpu_ones(tiny_model_dir):
         assert float((gpu - cpu).norm() / cpu.norm()) < 1e-5, layer
 
 
+def test_a_gpu_run_computes_its_key_statistics_on_the_gpu(tiny_model_dir, tmp_path, monkeypatch):
+    """The model is loaded on the CPU and Lightning moves it only after `setup()`, where C0 is computed:
+    the module must already be on the GPU there (on LLaMA3-8B the CPU would take hours)."""
+    import sphere_pl.editing.stats as stats_module
+
+    devices, accumulate = [], stats_module.accumulate_moments
+
+    def recording(model, *args, **kwargs):
+        devices.append(next(model.parameters()).device.type)
+        return accumulate(model, *args, **kwargs)
+
+    monkeypatch.setattr(stats_module, "accumulate_moments", recording)
+    editor, _ = fit(tiny_model_dir, str(tmp_path / "empty-stats-cache"), tmp_path / "run", "gpu")
+    assert devices and set(devices) == {"cuda"}
+    assert editor.method.projectors.device.type == "cpu"  # moved back with the module when fit ended...
+    assert editor.devices_seen == {"cuda"}  # ...after editing on the GPU
+
+
 def test_a_gpu_run_edits_like_the_cpu_run(cpu_run, gpu_run, tiny_model_dir):
     (cpu_editor, cpu_trainer), (gpu_editor, gpu_trainer) = cpu_run, gpu_run
     assert gpu_editor.devices_seen == {"cuda"} and cpu_editor.devices_seen == {"cpu"}

@@ -120,6 +120,8 @@ class SequentialEditor(L.LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and stage == "fit":
             self.editor.check_requests(list(datamodule.edit_requests) + list(datamodule.holdout_requests))
+        if self._trainer is not None:  # Lightning moves the module only after setup(): C0 and the projectors belong on the GPU
+            self.to(self.trainer.strategy.root_device)
         self.editor.prepare()  # validate/test too: a method may evaluate weights derived from the pretrained ones
         if self.pending_patch is not None:
             self.pending_patch.apply_to(self.editor.model)
