@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from sphere_pl.models import prepare_tokenizer
@@ -46,6 +47,21 @@ def tiny_tokenizer():
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+class CrashBeforeBatch(L.Callback):
+    """The process dies as it is about to apply edit batch `index` (the checkpoint of the batch before is on disk)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch.index == self.index:
+            raise SimulatedCrash(f"simulated crash before batch {self.index}")
 
 
 def save_tiny_model(path: Path, seed: int = 0) -> str:

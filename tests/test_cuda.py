@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from conftest import CONTEXT_TEMPLATES, CORPUS
+from helpers import CrashBeforeBatch, SimulatedCrash
 from sphere_pl import EditCheckpoint, EditDataModule, HypersphericalEnergyMonitor, SequentialEditor
 from sphere_pl.editing.methods import AlphaEdit
 from sphere_pl.editing.stats import KeyStatistics, accumulate_moments, model_fingerprint
@@ -35,21 +36,6 @@ def make_method(stats_cache: str) -> AlphaEdit:
         stats=KeyStatistics(corpus=str(CORPUS), num_samples=20, seq_len=64, cache_dir=stats_cache),
         context_templates=CONTEXT_TEMPLATES,
     )
-
-
-class SimulatedCrash(Exception):
-    pass
-
-
-class CrashBeforeBatch(L.Callback):
-    """The run dies as it is about to apply batch `index` (the checkpoint of the batch before is on disk)."""
-
-    def __init__(self, index: int):
-        self.index = index
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch.index == self.index:
-            raise SimulatedCrash(f"before batch {self.index}")
 
 
 class DeviceRecorder(L.Callback):

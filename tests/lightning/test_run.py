@@ -24,7 +24,7 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 
 from conftest import CONTEXT_TEMPLATES, CORPUS
-from helpers import cli_env, run_cli
+from helpers import CrashBeforeBatch, SimulatedCrash, cli_env, run_cli
 from sphere_pl import EditCheckpoint, EditDataModule, HypersphericalEnergyMonitor, SequentialEditor
 from sphere_pl.data.readers import EditSourceError
 from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
@@ -162,21 +162,6 @@ def logged_rows(trainer: L.Trainer) -> list[dict[str, float]]:
 
 def load_ckpt(path: Path) -> dict:
     return load_checkpoint_file(path)
-
-
-class SimulatedCrash(Exception):
-    pass
-
-
-class CrashBeforeBatch(L.Callback):
-    """The process dies as it is about to apply edit batch `index` (the checkpoint of the batch before is on disk)."""
-
-    def __init__(self, index: int):
-        self.index = index
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch.index == self.index:
-            raise SimulatedCrash(f"simulated crash before batch {self.index}")
 
 
 class Recorder(L.Callback):
