@@ -199,14 +199,14 @@ def main() -> None:
     baseline = rss_gb()  # interpreter, torch, transformers, lightning imported
     allocated = AllocatedPeak().start() if args.malloc_peak else None
     start = time.perf_counter()
-    if args.random_init:  # the module loads through load_model_and_tokenizer: hand it the random model instead
-        import sphere_pl.lightning.module as module_module
+    settings = dict(dtype=args.dtype, method=method, filters=[SphereProjection(0.5, method.sphere_strength)], eval_every=1)
+    if args.random_init:
         from random_model import build_random_model
 
-        built = build_random_model(args.random_init, args.tokenizer, args.dtype, device)
-        module_module.load_model_and_tokenizer = lambda *a, **k: built
-    editor = SequentialEditor(model_name_or_path=args.model, dtype=args.dtype, method=method,
-                              filters=[SphereProjection(0.5, method.sphere_strength)], eval_every=1)
+        model, tokenizer = build_random_model(args.random_init, args.tokenizer, args.dtype, device)
+        editor = SequentialEditor.from_model(model, tokenizer, model_name_or_path=f"random:{args.random_init}", **settings)
+    else:
+        editor = SequentialEditor(model_name_or_path=args.model, **settings)
     load_s = time.perf_counter() - start
     editor.editor.lm.timer = peaks = PeakByPhase(editor.editor.lm.timer)
     after_load = rss_gb()

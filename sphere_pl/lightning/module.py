@@ -24,7 +24,7 @@ from ..editing.writer import DeltaFilter
 from ..evaluation import protocol
 from ..evaluation.base import CaseWriter, Evaluator
 from ..evaluation.facts import FactEvaluator
-from ..models import EMBEDDED_MODEL, load_model_and_tokenizer
+from ..models import EMBEDDED_MODEL, load_model_and_tokenizer, prepare_tokenizer
 
 
 # Lightning's advice for gradient training does not apply to an editing run: the model is
@@ -81,11 +81,17 @@ class SequentialEditor(L.LightningModule):
         scoring_batch_size: int = 32,
         cases_dir: str | None = None,
         evaluators: list[Evaluator] | None = None,
+        *,
+        _model_and_tokenizer: tuple | None = None,  # see `from_model`; the leading underscore keeps it out of the CLI
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["method", "filters", "evaluators"])  # logged; never restored from checkpoints
+        # logged; never restored from checkpoints
+        self.save_hyperparameters(ignore=["method", "filters", "evaluators", "_model_and_tokenizer"])
         self.strict_loading = False  # checkpoints keep no module state dict (see on_save_checkpoint)
-        model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, gguf_file, trust_remote_code)
+        if _model_and_tokenizer is None:
+            model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, gguf_file, trust_remote_code)
+        else:
+            model, tokenizer = _model_and_tokenizer[0], prepare_tokenizer(_model_and_tokenizer[1])
         model_id = (model_name_or_path or EMBEDDED_MODEL) + (f"/{gguf_file}" if gguf_file else "")
         self.load_settings = {
             "model_name_or_path": model_name_or_path,
@@ -112,6 +118,13 @@ class SequentialEditor(L.LightningModule):
         self.final_evaluated = False
         self.progress_history: list[dict[str, float]] = []
         self.edited_requests: list[EditRequest] = []
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer, **kwargs) -> "SequentialEditor":
+        """An editor over a model and tokenizer that are already built (on a GPU from a config, shared
+        by several runs, ...) instead of loaded from `model_name_or_path`. Pass the settings that say
+        what the model is all the same (`model_name_or_path`, `dtype`): checkpoints and patches record them."""
+        return cls(**kwargs, _model_and_tokenizer=(model, tokenizer))
 
     # ----------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:

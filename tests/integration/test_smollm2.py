@@ -21,32 +21,16 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def editor_gets_the_shared_smollm2(smollm2, monkeypatch):
-    """SequentialEditor's `load_model_and_tokenizer(None)` returns the session's SmolLM2 (conftest
-    `smollm2`: the same loaded weights, put back after the test) instead of parsing the GGUF again."""
-    import sphere_pl.lightning.module as module
-
-    real = module.load_model_and_tokenizer
-
-    def load(name_or_path=None, dtype="float32", gguf_file=None, trust_remote_code=False):
-        if name_or_path is None and dtype == "float32" and gguf_file is None and not trust_remote_code:
-            return smollm2
-        return real(name_or_path, dtype, gguf_file, trust_remote_code)
-
-    monkeypatch.setattr(module, "load_model_and_tokenizer", load)
-    return smollm2
-
-
-def test_eight_real_edits_take_and_unrelated_facts_survive(tmp_path, editor_gets_the_shared_smollm2):
+def test_eight_real_edits_take_and_unrelated_facts_survive(tmp_path, smollm2):
     method = AlphaEdit(
         layers=[4, 5, 6, 7, 8],
         # the quickstart config's values (configs/quickstart.yaml)
         values=ValueOptimization(num_grad_steps=25, lr=0.5, clamp_norm_factor=4.0, weight_decay=1e-3),
         stats=KeyStatistics(corpus=str(CORPUS), num_samples=100, seq_len=256, cache_dir=str(tmp_path / "stats")),
     )
-    editor = SequentialEditor(method=method, filters=[SphereProjection(0.5, 0.5, "current")], eval_every=1)
-    assert editor.model is editor_gets_the_shared_smollm2[0]
+    # the session's SmolLM2 (conftest `smollm2`: `load_model_and_tokenizer(None)`, weights put back after the test)
+    editor = SequentialEditor.from_model(*smollm2, method=method, filters=[SphereProjection(0.5, 0.5, "current")], eval_every=1)
+    assert editor.model is smollm2[0]
     data = EditDataModule(source="quickstart", num_edits=4, dataset_size_limit=8, num_holdout=20, seed=0)
     data.setup("fit")
     assert len(data.edit_requests) == 8 and len(data.holdout_requests) == 20

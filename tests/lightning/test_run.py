@@ -628,12 +628,27 @@ def test_edited_sample_depends_only_on_the_edited_facts(tiny_model_dir, tiny_met
 # -------------------------------------------------------------------- 7. CLI + W&B
 
 
+def test_from_model_edits_the_model_it_is_given_as_the_loaded_one_is_edited(tiny_model_dir, tiny_method, tmp_path):
+    """`SequentialEditor.from_model` wraps an already-built model (that object, not a copy) and edits it
+    bit for bit as the editor that loads the same weights by path."""
+    reference, _, _ = run_uninterrupted(tiny_model_dir, tiny_method, tmp_path)
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    editor = SequentialEditor.from_model(model, tokenizer, model_name_or_path=tiny_model_dir, method=tiny_method())
+    assert editor.model is model and editor.editor.tokenizer is tokenizer
+    assert "_model_and_tokenizer" not in editor.hparams
+    make_trainer(tmp_path / "prebuilt").fit(editor, quickstart_data(tmp_path))
+    assert editor.editor.edits_applied == NUM_FACTS
+    assert max_abs_diff(edited_weights(editor), edited_weights(reference)) == 0
+    assert max_abs_diff(edited_weights(editor), pretrained_weights(tiny_model_dir, down_proj_names(editor))) > 1e-5
+
+
 def test_print_config_shows_the_callback_sections(tmp_path):
     result = run_cli(["fit", "--print_config"], tmp_path, cli_env(tmp_path))
     config = yaml.safe_load(result.stdout)
     assert re.search(r"^he:$", result.stdout, re.M) and re.search(r"^checkpoint:$", result.stdout, re.M)
     assert set(config["he"]) >= {"s", "reduction", "every_n_batches"}
     assert set(config["checkpoint"]) >= {"dirpath", "every_n_batches", "keep_last"}
+    assert "model_name_or_path" in config["model"] and not any(k.startswith("_") for k in config["model"])  # from_model's argument stays out
 
 
 def test_cli_fit_logs_to_offline_wandb_and_validate_restores_the_edits(tiny_model_dir, stats_cache, tmp_path):
