@@ -159,6 +159,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--requests-per-pass", type=int, default=ValueOptimization.requests_per_pass,
                         help="requests sharing one forward/backward pass of the value search (memory vs speed)")
+    parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=ValueOptimization.recompute_activations,
+                        help="values.recompute_activations: re-run each upper block in the value search's backward pass instead of keeping its activations")
     parser.add_argument("--malloc-peak", action="store_true",
                         help="also sample malloc's allocated bytes (glibc mallinfo2, every 5 ms): slows the run by a few per cent")
     parser.add_argument("--reference", action="store_true", help="straightforward one-request-at-a-time value optimisation")
@@ -193,7 +195,7 @@ def main() -> None:
 
     scratch = tempfile.TemporaryDirectory(prefix="sphere_pl-edit-speed-")  # removed at exit, also on errors
     cache = os.path.join(scratch.name, "stats") if args.fresh_stats else "~/.cache/sphere_pl/stats"
-    values = ValueOptimization(num_grad_steps=args.steps, requests_per_pass=args.requests_per_pass, **HPARAMS[args.hparams])
+    values = ValueOptimization(num_grad_steps=args.steps, requests_per_pass=args.requests_per_pass, recompute_activations=args.recompute, **HPARAMS[args.hparams])
     stats = KeyStatistics(corpus=str(CORPUS), num_samples=args.stats_samples, seq_len=256, cache_dir=cache)
     if args.method == "ft":  # one down_proj (LLaMA3: layer 21 of 32; SmolLM2: 20 of 30), no statistics
         method = create_method("ft", layer=20, num_steps=args.steps)
@@ -252,7 +254,7 @@ def main() -> None:
           f"threads: {torch.get_num_threads()}, model load {load_s:.1f} s")
     print(f"mode: {'reference (per request, full forward passes)' if args.reference else 'fast (batched, prefix-cached)'}; "
           f"{args.method}, {n} edits from {args.data} in batches of {args.batch}, {args.steps} value steps, {args.hparams} hyper-parameters "
-          f"{HPARAMS[args.hparams]}, {args.requests_per_pass} requests per pass")
+          f"{HPARAMS[args.hparams]}, {args.requests_per_pass} requests per pass, activations {'recomputed' if args.recompute else 'kept'}")
     print(f"one-off: statistics {statistics_s:.1f} s ({'forced to compute' if args.fresh_stats else 'computed only when not cached'}), "
           f"other set-up {setup_s - statistics_s:.1f} s; end of fit (the module moved back to the CPU) {teardown_s:.1f} s")
     print(f"{'phase':<22}{'s/edit':>10}")

@@ -7,7 +7,8 @@ The same records (the first `--records` of real CounterFact, MEND split) are opt
 batches of each size with the paper's LLaMA3-8B hyper-parameters (lr 0.1, clamp 0.75, weight
 decay 0.5, 25 steps) on SmolLM2-135M-Instruct at layer 8 (AlphaEdit's last layer), with
 AlphaEdit's context templates. `--requests-per-pass` is how many requests share a forward
-and backward pass (grouped by length); it sets the memory, not the result.
+and backward pass (grouped by length); it sets the memory, not the result, as does
+`--no-recompute` (keep the upper blocks' activations instead of re-running the blocks).
 """
 
 from __future__ import annotations
@@ -34,15 +35,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--requests-per-pass", type=int, default=ValueOptimization.requests_per_pass)
     parser.add_argument("--layer", type=int, default=8)
+    parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=ValueOptimization.recompute_activations,
+                        help="values.recompute_activations (re-run blocks in the backward pass; --no-recompute keeps their activations)")
     args = parser.parse_args()
 
     model, tok = load_model_and_tokenizer(None)
     templates = resolve_templates(model)
     contexts = generate_context_templates(model, tok, 10, list(GENERATION_PREFIXES), 0)
     requests = load_edit_requests(str(COUNTERFACT))[: args.records]
-    hp = ValueOptimization(num_grad_steps=args.steps, lr=0.1, clamp_norm_factor=0.75, weight_decay=0.5, requests_per_pass=args.requests_per_pass)
+    hp = ValueOptimization(num_grad_steps=args.steps, lr=0.1, clamp_norm_factor=0.75, weight_decay=0.5, requests_per_pass=args.requests_per_pass,
+                           recompute_activations=args.recompute)
     print(f"SmolLM2-135M-Instruct, {len(requests)} CounterFact records, layer {args.layer}, {args.steps} steps, paper hyper-parameters, "
-          f"{torch.get_num_threads()} thread(s), {args.requests_per_pass} requests per pass")  # fmt: skip
+          f"{torch.get_num_threads()} thread(s), {args.requests_per_pass} requests per pass, activations {'recomputed' if args.recompute else 'kept'}")  # fmt: skip
     print("| batch | CPU s per edit | wall s per edit | mean steps | peak RSS so far (GB) |\n|---:|---:|---:|---:|---:|")
     for size in args.batches:
         cpu, wall, steps = time.process_time(), time.perf_counter(), []

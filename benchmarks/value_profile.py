@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--passes", nargs="+", default=["10:10", "100:100", "100:4", "10:4"], help="BATCH:REQUESTS_PER_PASS")
     parser.add_argument("--layer", type=int, default=8)
+    parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=ValueOptimization.recompute_activations,
+                        help="values.recompute_activations (the figures in BENCHMARKS.md's profile were taken with --no-recompute)")
     args = parser.parse_args()
 
     model, tok = load_model_and_tokenizer(None)
@@ -81,7 +83,8 @@ def main() -> None:
     rows = {}
     for spec in args.passes:
         batch, per_pass = (int(x) for x in spec.split(":"))
-        hp = ValueOptimization(num_grad_steps=args.steps, lr=0.1, clamp_norm_factor=0.75, weight_decay=0.5, requests_per_pass=per_pass)
+        hp = ValueOptimization(num_grad_steps=args.steps, lr=0.1, clamp_norm_factor=0.75, weight_decay=0.5, requests_per_pass=per_pass,
+                               recompute_activations=args.recompute)
         padding.slots.clear()
         cpu = time.process_time()
         with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -13,7 +13,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .models import ModuleTemplates
 
@@ -131,12 +133,14 @@ def _swapped(parent: nn.Module, attr: str, replacement: nn.Module):
 
 
 @contextmanager
-def upper_blocks(model: nn.Module, templates: ModuleTemplates, start: int, stop: int | None = None):
+def upper_blocks(model: nn.Module, templates: ModuleTemplates, start: int, stop: int | None = None, recompute: bool = False):
     """Temporarily make blocks[start:stop] the model's whole stack; yields `forward(hidden, **kwargs)`.
 
     `hidden` goes into the first kept block exactly as given: a pre-hook replaces whatever
     the embedding stage made of it (learned positions, scaling), so this works for any
     family. The kept blocks' cache slots are renumbered from 0 so a KV cache holds just them.
+    With `recompute`, each kept block runs under activation checkpointing (`_recomputed`);
+    a KV cache given to it must then not be written to (`_PrefixCache`).
     """
     base_name, layers_attr = templates.layers.rsplit(".", 1)
     base = model.get_submodule(base_name)  # owns the block list (e.g. `model` in LlamaForCausalLM)
@@ -161,11 +165,63 @@ def upper_blocks(model: nn.Module, templates: ModuleTemplates, start: int, stop:
     with _swapped(base, layers_attr, nn.ModuleList(tail)):
         for m, _, j in numbered:
             m.layer_idx = j
+        own_forwards = [block.__dict__.get("forward") for block in tail]  # None: the class's
+        if recompute:
+            for j, block in enumerate(tail):
+                block.forward = _recomputed(block.forward, [(m, slot) for m, _, slot in numbered if slot == j])
         try:
             yield forward
         finally:
             for m, idx, _ in numbered:
                 m.layer_idx = idx
+            if recompute:
+                for block, own in zip(tail, own_forwards):
+                    if own is None:
+                        del block.forward
+                    else:
+                        block.forward = own
+
+
+def _recomputed(forward, numbering):
+    """`forward` under activation checkpointing: autograd keeps only the block's inputs and runs the
+    block again in the backward pass, instead of keeping its intermediates. The backward pass runs
+    after `upper_blocks` has put the cache numbering and attention switch back, so the re-run
+    sets them again (`numbering`: (module, cache slot) pairs of this block)."""
+
+    def run(*args, **kwargs):
+        def again(*args, **kwargs):
+            before = [(m, m.layer_idx) for m, _ in numbering]
+            for m, j in numbering:
+                m.layer_idx = j
+            try:
+                with _sdpa_without_repeated_kv():
+                    return forward(*args, **kwargs)
+            finally:
+                for m, idx in before:
+                    m.layer_idx = idx
+
+        return checkpoint(again, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+class _PrefixCache(DynamicCache):
+    """A KV cache that serves a fixed prefix and is never written: each block gets the prefix's keys and
+    values followed by its own, and the cache stays as it was, so that a block can be run again
+    (activation checkpointing) and see exactly what it saw the first time."""
+
+    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.layers = []
+        for keys, values in prefix:  # held as given: DynamicCache(ddp_cache_data=...) would copy them
+            layer = DynamicLayer()
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            self.layers.append(layer)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
 
 
 def run_from_layer(
@@ -187,13 +243,15 @@ class SuffixRunner:
     For target-value optimisation, everything before the subject's last token is unaffected
     by the vector being optimised, so a step only needs the tokens from there on — about a
     third of them. `hidden` is the residual stream entering block `start` for every position.
+    With `recompute`, the backward pass re-runs each block instead of keeping its
+    intermediates: same gradients, less memory, one more forward pass of the blocks.
     """
 
     def __init__(
         self, model, templates: ModuleTemplates, hidden: torch.Tensor, attention_mask: torch.Tensor, split: torch.Tensor,
-        start: int, stop: int | None = None,
+        start: int, stop: int | None = None, recompute: bool = False,
     ):
-        self.model, self.templates, self.start, self.stop = model, templates, start, stop
+        self.model, self.templates, self.start, self.stop, self.recompute = model, templates, start, stop, recompute
         device = hidden.device
         lengths = attention_mask.sum(dim=1)
         self.split, self.suffix_len = split, lengths - split
@@ -235,9 +293,11 @@ class SuffixRunner:
         kwargs = {"use_cache": False}
         mask = self.suffix_mask[rows, :suffix]
         if self.kv is not None and prefix:
-            cache = DynamicCache(ddp_cache_data=[(k[rows, :, :prefix], v[rows, :, :prefix]) for k, v in self.kv])
+            # rows are sorted and distinct, so as many as there are sequences means all of them: a view, no copy
+            pick = slice(None) if len(rows) == self.split.shape[0] else rows
+            cache = _PrefixCache([(k[pick, :, :prefix], v[pick, :, :prefix]) for k, v in self.kv])
             kwargs = {"past_key_values": cache, "use_cache": True}
             mask = torch.cat([self.prefix_mask[rows, :prefix], mask], dim=1)
-        with upper_blocks(self.model, self.templates, self.start, self.stop) as forward:
+        with upper_blocks(self.model, self.templates, self.start, self.stop, recompute=self.recompute) as forward:
             out = forward(hidden, attention_mask=mask, position_ids=self.positions[rows, :suffix], **kwargs)
         return out.last_hidden_state

@@ -65,10 +65,12 @@ class KeyReader:
 
     The blocks below `from_layer` never change during a batch, so the hidden states entering
     it are computed once and every read runs only the blocks from there to the highest
-    layer it needs.
+    layer it needs. Prompts go through `batch_size` at a time: on SmolLM2 (120 prompts, 5 layers)
+    16 at a time allocates 27 MB at the peak against 54 MB for 64, for 13 % more time in a
+    phase that is ~5 % of an edit, which keeps the key reads under the value search's peak.
     """
 
-    def __init__(self, model, tokenizer, templates: ModuleTemplates, requests: list[EditRequest], context_groups: list[list[str]], from_layer: int, batch_size: int = 64):
+    def __init__(self, model, tokenizer, templates: ModuleTemplates, requests: list[EditRequest], context_groups: list[list[str]], from_layer: int, batch_size: int = 16):
         if context_groups[0][0] != "{}":
             raise ValueError("the first context template must be '{}' (the bare prompt)")
         self.model, self.templates, self.from_layer = model, templates, from_layer
@@ -127,7 +129,7 @@ def compute_keys(
     context_groups: list[list[str]],
     key_layers: list[int],
     output_layer: int | None = None,
-    batch_size: int = 64,
+    batch_size: int = 16,
 ):
     """One read of a `KeyReader` starting at the lowest layer asked for."""
     lowest = min(key_layers + ([output_layer] if output_layer is not None else []))

@@ -10,11 +10,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..heap import trim_heap
 from ..models import ModuleTemplates
 
 
 class PhaseTimer:
-    """Accumulates wall time per named phase (CUDA-synchronised), for the speed benchmark."""
+    """Accumulates wall time per named phase (CUDA-synchronised), for the speed benchmark.
+
+    At the end of each phase the CPU heap's free pages go back to the system (`trim_heap`), so
+    that the next phase's peak does not stack on what this one freed.
+    """
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
@@ -28,6 +33,7 @@ class PhaseTimer:
         finally:
             self._sync()
             self.seconds[phase] += time.perf_counter() - start
+            trim_heap()  # outside the timed span
 
     @staticmethod
     def _sync():

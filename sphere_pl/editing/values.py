@@ -17,8 +17,11 @@ step runs only the blocks above it, only on the tokens from the subject's last t
 reads them. Adam acts element-wise, so a joint optimisation of per-request deltas on the
 sum of per-request losses follows exactly the same path as one optimisation per request;
 hence requests can also be split into groups of any size (`requests_per_pass`, which sets
-the memory) without changing the result. `optimize_values_reference` is the
-straightforward per-request version, kept for tests and for the benchmark's baseline.
+the memory) without changing the result. By default (`recompute_activations`) the backward
+pass re-runs each upper block rather than keeping its intermediates: the same numbers, a
+fraction of the memory, one more forward pass of those blocks per step.
+`optimize_values_reference` is the straightforward per-request version, kept for tests and
+for the benchmark's baseline.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..heap import trim_heap
 from ..models import ModuleTemplates
 from ..data.records import EditRequest
 from ..tracing import SuffixRunner, capture, pad_id_lists, token_positions
@@ -54,6 +58,9 @@ class ValueOptimization:
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
     requests_per_pass: int = 4  # requests optimised in one forward/backward pass: memory, not results
+    # keep only each upper block's input and re-run the block in the backward pass: the same
+    # gradients for a fraction of the activation memory and one more forward pass (BENCHMARKS.md)
+    recompute_activations: bool = True
 
     def __post_init__(self):
         def need(ok: bool, name: str, rule: str, why: str = "the edit would change nothing or diverge"):
@@ -66,6 +73,7 @@ class ValueOptimization:
         need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(math.isfinite(self.kl_factor) and self.kl_factor >= 0, "kl_factor", "must be >= 0")
         need(isinstance(self.requests_per_pass, int) and self.requests_per_pass >= 1, "requests_per_pass", "must be an integer >= 1", "it is how many requests share a pass")
+        need(isinstance(self.recompute_activations, bool), "recompute_activations", "must be true or false", "it switches activation checkpointing")
 
 
 @dataclass
@@ -210,6 +218,7 @@ def optimize_values(
             z, info = _optimize_group(model, tokenizer, templates, [requests[i] for i in group], context_groups, layer, loss_layer, hp, ref)
             zs.append(z)
             infos.append(info)
+            trim_heap()  # the next group's tensors have other shapes
     back = torch.argsort(torch.tensor(order))  # position in `order` of each request
     z = torch.cat(zs)[back.to(zs[0].device)]
     info = {key: torch.cat([i[key] for i in infos])[back.to(infos[0][key].device)] for key in infos[0]}
@@ -242,7 +251,7 @@ def _optimize_group(model, tokenizer, templates, requests, context_groups, layer
     h_init = _wide(block_out[p.init_seq, p.lookup[p.init_seq]])  # (n, d)
     h_norm = (h_init if reference is None else _wide(reference)).norm(dim=-1)
     max_norm = hp.clamp_norm_factor * h_norm
-    runner = SuffixRunner(model, templates, block_out, p.batch["attention_mask"], p.lookup, layer + 1, loss_layer + 1)
+    runner = SuffixRunner(model, templates, block_out, p.batch["attention_mask"], p.lookup, layer + 1, loss_layer + 1, recompute=hp.recompute_activations)
     dtype = block_out.dtype
     del block_out  # the runner keeps only the suffixes and the prefixes' keys and values
 

@@ -106,14 +106,14 @@ def test_value_loss_kl_is_edited_given_original_like_the_official_code(tok, floa
     assert not torch.allclose(with_kl - without_kl, reverse, rtol=1e-3)  # the other direction differs here
 
 
-@pytest.mark.parametrize("requests_per_pass", [1, 2])
-def test_requests_in_groups_of_any_size_match_the_reference_float64(tok, float64_default, requests_per_pass):
+@pytest.mark.parametrize("requests_per_pass, recompute", [(1, True), (2, True), (2, False)])
+def test_requests_in_groups_of_any_size_match_the_reference_float64(tok, float64_default, requests_per_pass, recompute):
     """Requests solved a few per pass (grouped by length, so not in the given order) give the
     per-request reference's values, each in its own request's place: group size changes memory, not results."""
     model = tiny_llama().double()
     templates = resolve_templates(model)
     requests = [REQUESTS[2], REQUESTS[0], SECOND_BATCH[1], REQUESTS[1], SECOND_BATCH[0]]
-    hp = ValueOptimization(num_grad_steps=6, lr=0.1, early_stop_loss=-1.0, requests_per_pass=requests_per_pass)
+    hp = ValueOptimization(num_grad_steps=6, lr=0.1, early_stop_loss=-1.0, requests_per_pass=requests_per_pass, recompute_activations=recompute)
     z, info = optimize_values(model, tok, templates, requests, GROUPS, 2, hp)
     z_ref = optimize_values_reference(model, tok, templates, requests, GROUPS, 2, hp)
     assert z.shape == z_ref.shape == (len(requests), model.config.hidden_size)
@@ -136,12 +136,13 @@ def test_value_search_computes_no_weight_gradients_and_restores_requires_grad(to
     assert any(flags.values()) and not all(flags.values())
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("layer, loss_layer", [(2, -1), (1, 2)])
-def test_optimize_values_matches_reference_float64(tok, float64_default, layer, loss_layer):
+def test_optimize_values_matches_reference_float64(tok, float64_default, layer, loss_layer, recompute):
     model = tiny_llama().double()
     templates = resolve_templates(model)
     # lr 0.1 with clamp 0.75 makes the clamp bite; KL and weight decay are on
-    hp = ValueOptimization(num_grad_steps=8, lr=0.1, loss_layer=loss_layer, early_stop_loss=-1.0)
+    hp = ValueOptimization(num_grad_steps=8, lr=0.1, loss_layer=loss_layer, early_stop_loss=-1.0, recompute_activations=recompute)
     z, info = optimize_values(model, tok, templates, REQUESTS, GROUPS, layer, hp)
     z_ref = optimize_values_reference(model, tok, templates, REQUESTS, GROUPS, layer, hp)
     assert z.dtype == torch.float64
@@ -222,6 +223,68 @@ def test_optimize_values_float64_model_under_float32_default_dtype(tok):
     z, info = optimize_values(model, tok, templates, REQUESTS[:2], GROUPS, 2, hp)
     z_ref = optimize_values_reference(model, tok, templates, REQUESTS[:2], GROUPS, 2, hp)
     assert (z - z_ref).abs().max() <= 1e-9 * z_ref.abs().max()
+
+
+def test_recomputed_activations_give_the_same_values_and_keep_a_fraction_of_the_graph(tok, float64_default):
+    """values.recompute_activations re-runs each upper block in the backward pass: the search takes the
+    same path bit for bit (same operations on the same numbers), early stopping (a subset of rows)
+    included, while autograd keeps only the blocks' inputs."""
+    model = tiny_llama(layers=6).double()
+    templates = resolve_templates(model)
+    hp = ValueOptimization(num_grad_steps=6, lr=0.05, early_stop_loss=-1.0)
+    saved_bytes = {}
+    results = {}
+    for recompute in (False, True):
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            results[recompute] = optimize_values(model, tok, templates, REQUESTS, GROUPS, 1, dataclasses.replace(hp, recompute_activations=recompute))
+        saved_bytes[recompute] = sum(sizes)
+    (z_kept, info_kept), (z_recomputed, info_recomputed) = results[False], results[True]
+    assert torch.equal(z_kept, z_recomputed)
+    assert torch.equal(info_kept["loss"], info_recomputed["loss"])
+    # the hook also sees what the re-run saves during the backward pass, and the re-run blocks'
+    # inputs, so the ratio is far from the ideal 1/(tensors per block); still well under half
+    assert saved_bytes[True] < 0.5 * saved_bytes[False], saved_bytes
+    # a threshold between the two lowest starting losses stops one request at once: the other
+    # requests' later steps run on a subset of the rows
+    start = info_kept["initial_loss"].sort().values
+    stop = dataclasses.replace(hp, early_stop_loss=float(start[0] + start[1]) / 2)
+    z_stop_kept, info_stop = optimize_values(model, tok, templates, REQUESTS, GROUPS, 1, dataclasses.replace(stop, recompute_activations=False))
+    z_stop_recomputed, _ = optimize_values(model, tok, templates, REQUESTS, GROUPS, 1, stop)
+    assert len(set(info_stop["steps"].tolist())) > 1  # requests did stop at different steps
+    assert torch.equal(z_stop_kept, z_stop_recomputed)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "gptj", "qwen2", "mistral"])
+def test_optimize_values_matches_reference_on_other_families(tok, float64_default, family):
+    """The prefix cache and the recomputed blocks through each family's own attention code
+    (cache update signatures, rotary or learned positions) give the full-forward reference's values."""
+    model = _tiny_family(family).double()
+    templates = resolve_templates(model)
+    hp = ValueOptimization(num_grad_steps=5, lr=0.1, early_stop_loss=-1.0, requests_per_pass=2)
+
+    def cache_slots():
+        return [(name, m.layer_idx) for name, m in model.named_modules() if isinstance(getattr(m, "layer_idx", None), int)]
+
+    slots = cache_slots()
+    assert len({idx for _, idx in slots}) == len(model.get_submodule(templates.layers))  # one slot per block
+    z_ref = optimize_values_reference(model, tok, templates, REQUESTS, GROUPS, 1, hp)
+    for recompute in (True, False):
+        z, _ = optimize_values(model, tok, templates, REQUESTS, GROUPS, 1, dataclasses.replace(hp, recompute_activations=recompute))
+        assert (z - z_ref).abs().max() <= 1e-9 * z_ref.abs().max(), (family, recompute)
+    blocks = model.get_submodule(templates.layers)
+    assert all("forward" not in block.__dict__ for block in blocks)  # the recompute wrappers are gone
+    assert cache_slots() == slots  # renumbered from 0 for the runs (and their backward re-runs), then put back
+
+
+def test_value_optimization_rejects_a_non_boolean_recompute_switch():
+    with pytest.raises(ValueError, match="values.recompute_activations = 'yes' must be true or false"):
+        ValueOptimization(recompute_activations="yes")
 
 
 # ---------------------------------------------------------------------------------------------
