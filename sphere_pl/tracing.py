@@ -145,8 +145,8 @@ def upper_blocks(model: nn.Module, templates: ModuleTemplates, start: int, stop:
     base_name, layers_attr = templates.layers.rsplit(".", 1)
     base = model.get_submodule(base_name)  # owns the block list (e.g. `model` in LlamaForCausalLM)
     tail = list(getattr(base, layers_attr))[start:stop]
-    numbered = [
-        (m, m.layer_idx, j) for j, block in enumerate(tail) for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)
+    slots = [  # (module, block position): the cache slot each attention module takes while only `tail` runs
+        (m, j) for j, block in enumerate(tail) for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)
     ]
 
     def forward(hidden: torch.Tensor, **kwargs):
@@ -162,18 +162,14 @@ def upper_blocks(model: nn.Module, templates: ModuleTemplates, start: int, stop:
         finally:
             handle.remove()
 
-    with _swapped(base, layers_attr, nn.ModuleList(tail)):
-        for m, _, j in numbered:
-            m.layer_idx = j
+    with _swapped(base, layers_attr, nn.ModuleList(tail)), _cache_slots(slots):
         own_forwards = [block.__dict__.get("forward") for block in tail]  # None: the class's
         if recompute:
             for j, block in enumerate(tail):
-                block.forward = _recomputed(block.forward, [(m, slot) for m, _, slot in numbered if slot == j])
+                block.forward = _recomputed(block.forward, [(m, slot) for m, slot in slots if slot == j])
         try:
             yield forward
         finally:
-            for m, idx, _ in numbered:
-                m.layer_idx = idx
             if recompute:
                 for block, own in zip(tail, own_forwards):
                     if own is None:
@@ -182,23 +178,29 @@ def upper_blocks(model: nn.Module, templates: ModuleTemplates, start: int, stop:
                         block.forward = own
 
 
-def _recomputed(forward, numbering):
+@contextmanager
+def _cache_slots(slots: list[tuple[nn.Module, int]]):
+    """Give each attention module the KV-cache slot paired with it, and its own back afterwards."""
+    before = [(m, m.layer_idx) for m, _ in slots]
+    for m, slot in slots:
+        m.layer_idx = slot
+    try:
+        yield
+    finally:
+        for m, idx in before:
+            m.layer_idx = idx
+
+
+def _recomputed(forward, slots):
     """`forward` under activation checkpointing: autograd keeps only the block's inputs and runs the
     block again in the backward pass, instead of keeping its intermediates. The backward pass runs
-    after `upper_blocks` has put the cache numbering and attention switch back, so the re-run
-    sets them again (`numbering`: (module, cache slot) pairs of this block)."""
+    after `upper_blocks` has put the cache slots and attention switch back, so the re-run sets
+    them again (`slots`: this block's (module, cache slot) pairs)."""
 
     def run(*args, **kwargs):
         def again(*args, **kwargs):
-            before = [(m, m.layer_idx) for m, _ in numbering]
-            for m, j in numbering:
-                m.layer_idx = j
-            try:
-                with _sdpa_without_repeated_kv():
-                    return forward(*args, **kwargs)
-            finally:
-                for m, idx in before:
-                    m.layer_idx = idx
+            with _cache_slots(slots), _sdpa_without_repeated_kv():
+                return forward(*args, **kwargs)
 
         return checkpoint(again, *args, use_reentrant=False, **kwargs)
 
