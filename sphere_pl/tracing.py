@@ -133,7 +133,9 @@ def _swapped(parent: nn.Module, attr: str, replacement: nn.Module):
 
 
 @contextmanager
-def upper_blocks(model: nn.Module, templates: ModuleTemplates, start: int, stop: int | None = None, recompute: bool = False):
+def upper_blocks(
+    model: nn.Module, templates: ModuleTemplates, start: int, stop: int | None = None, recompute: bool = False, blocks: list[nn.Module] | None = None,
+):
     """Temporarily make blocks[start:stop] the model's whole stack; yields `forward(hidden, **kwargs)`.
 
     `hidden` goes into the first kept block exactly as given: a pre-hook replaces whatever
@@ -141,10 +143,11 @@ def upper_blocks(model: nn.Module, templates: ModuleTemplates, start: int, stop:
     family. The kept blocks' cache slots are renumbered from 0 so a KV cache holds just them.
     With `recompute`, each kept block runs under activation checkpointing (`_recomputed`);
     a KV cache given to it must then not be written to (`_PrefixCache`).
+    `blocks`, when given, run in place of blocks[start:stop] (copies of them in another precision).
     """
     base_name, layers_attr = templates.layers.rsplit(".", 1)
     base = model.get_submodule(base_name)  # owns the block list (e.g. `model` in LlamaForCausalLM)
-    tail = list(getattr(base, layers_attr))[start:stop]
+    tail = list(getattr(base, layers_attr))[start:stop] if blocks is None else list(blocks)
     slots = [  # (module, block position): the cache slot each attention module takes while only `tail` runs
         (m, j) for j, block in enumerate(tail) for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)
     ]
@@ -247,13 +250,14 @@ class SuffixRunner:
     third of them. `hidden` is the residual stream entering block `start` for every position.
     With `recompute`, the backward pass re-runs each block instead of keeping its
     intermediates: same gradients, less memory, one more forward pass of the blocks.
+    `blocks` run in place of the model's blocks [start, stop) (`upper_blocks`).
     """
 
     def __init__(
         self, model, templates: ModuleTemplates, hidden: torch.Tensor, attention_mask: torch.Tensor, split: torch.Tensor,
-        start: int, stop: int | None = None, recompute: bool = False,
+        start: int, stop: int | None = None, recompute: bool = False, blocks: list[nn.Module] | None = None,
     ):
-        self.model, self.templates, self.start, self.stop, self.recompute = model, templates, start, stop, recompute
+        self.model, self.templates, self.start, self.stop, self.recompute, self.blocks = model, templates, start, stop, recompute, blocks
         device = hidden.device
         lengths = attention_mask.sum(dim=1)
         self.split, self.suffix_len = split, lengths - split
@@ -271,7 +275,7 @@ class SuffixRunner:
             # Pure causal attention here: real prefix tokens never see the padding after them,
             # and padding rows stay finite (they are masked out when the suffix runs).
             cache = DynamicCache()
-            with torch.no_grad(), upper_blocks(model, templates, start, stop) as forward:
+            with torch.no_grad(), upper_blocks(model, templates, start, stop, blocks=blocks) as forward:
                 forward(
                     hidden[:, : self.prefix_len],
                     attention_mask=torch.ones_like(self.prefix_mask),
@@ -300,6 +304,6 @@ class SuffixRunner:
             cache = _PrefixCache([(k[pick, :, :prefix], v[pick, :, :prefix]) for k, v in self.kv])
             kwargs = {"past_key_values": cache, "use_cache": True}
             mask = torch.cat([self.prefix_mask[rows, :prefix], mask], dim=1)
-        with upper_blocks(self.model, self.templates, self.start, self.stop, recompute=self.recompute) as forward:
+        with upper_blocks(self.model, self.templates, self.start, self.stop, recompute=self.recompute, blocks=self.blocks) as forward:
             out = forward(hidden, attention_mask=mask, position_ids=self.positions[rows, :suffix], **kwargs)
         return out.last_hidden_state

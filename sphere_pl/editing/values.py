@@ -27,16 +27,26 @@ for the benchmark's baseline.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+import copy
+import logging
+import weakref
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from torch import nn
 
 from ..heap import trim_heap
 from ..models import ModuleTemplates
 from ..data.records import EditRequest
 from ..tracing import SuffixRunner, capture, pad_id_lists, token_positions
 from .keys import fill
+from .value_memory import (
+    CPU_PASS, GB, SMALL_PASS, MemoryBudget, PassPlan, PassShape, Precision, StackShapes, check_compute_dtype, is_budget_gb, memory_budget, plan_passes,
+)
+
+log = logging.getLogger(__name__)
 
 KL_PROMPT = "{} is a"
 
@@ -48,7 +58,15 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ValueOptimization:
-    """Hyper-parameters of the target-value search (defaults: the paper's LLaMA3-8B values)."""
+    """Hyper-parameters of the target-value search (defaults: the paper's LLaMA3-8B values).
+
+    `requests_per_pass`, `recompute_activations` and `compute_dtype` set speed and memory. The
+    first two are `auto` by default: sized from the model's shapes, each batch's token counts and
+    the memory free on the device (`value_memory`); an explicit value wins. `memory_budget_gb`
+    caps what `auto` may use. With float32, neither changes a result beyond the order of
+    floating-point sums (bit for bit for a fixed pass size); `compute_dtype: bfloat16` does change
+    results a little (BENCHMARKS.md measures by how much).
+    """
 
     num_grad_steps: int = 25
     lr: float = 0.1
@@ -57,23 +75,41 @@ class ValueOptimization:
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
-    requests_per_pass: int = 4  # requests optimised in one forward/backward pass: memory, not results
+    # requests optimised in one forward/backward pass: memory and speed, not results
+    requests_per_pass: int | Literal["auto"] = "auto"
     # keep only each upper block's input and re-run the block in the backward pass: the same
     # gradients for a fraction of the activation memory and one more forward pass (BENCHMARKS.md)
-    recompute_activations: bool = True
+    recompute_activations: bool | Literal["auto"] = "auto"
+    # the most memory (GB) `auto` may plan a pass with (default: a share of the device's free memory)
+    memory_budget_gb: float | None = None
+    # bfloat16: the blocks above the edited layer run on a bfloat16 copy of their weights (autocast);
+    # delta, Adam, the clamp and the losses stay float32. A half-precision model runs in its own dtype.
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self):
         def need(ok: bool, name: str, rule: str, why: str = "the edit would change nothing or diverge"):
             if not ok:
                 raise ValueError(f"values.{name} = {getattr(self, name)!r} {rule}: {why}")
 
-        need(isinstance(self.num_grad_steps, int) and self.num_grad_steps >= 1, "num_grad_steps", "must be an integer >= 1")
+        def integer(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        need(integer(self.num_grad_steps) and self.num_grad_steps >= 1, "num_grad_steps", "must be an integer >= 1")
         need(math.isfinite(self.lr) and self.lr > 0, "lr", "must be a positive finite number")
         need(math.isfinite(self.clamp_norm_factor) and self.clamp_norm_factor > 0, "clamp_norm_factor", "must be positive")
         need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(math.isfinite(self.kl_factor) and self.kl_factor >= 0, "kl_factor", "must be >= 0")
-        need(isinstance(self.requests_per_pass, int) and self.requests_per_pass >= 1, "requests_per_pass", "must be an integer >= 1", "it is how many requests share a pass")
-        need(isinstance(self.recompute_activations, bool), "recompute_activations", "must be true or false", "it switches activation checkpointing")
+        need(self.requests_per_pass == "auto" or (integer(self.requests_per_pass) and self.requests_per_pass >= 1), "requests_per_pass",
+             "must be an integer >= 1 or auto", "it is how many requests share a pass")
+        need(self.recompute_activations == "auto" or isinstance(self.recompute_activations, bool), "recompute_activations",
+             "must be true, false or auto", "it switches activation checkpointing")
+        need(is_budget_gb(self.memory_budget_gb), "memory_budget_gb", "must be a positive number of GB (or null: a share of the free memory)",
+             "it is the memory `auto` may plan the value search with")
+        need(self.compute_dtype in ("float32", "bfloat16"), "compute_dtype", "must be float32 or bfloat16", "the upper blocks run in that precision")
+
+    @property
+    def is_auto(self) -> bool:
+        return "auto" in (self.requests_per_pass, self.recompute_activations)
 
 
 @dataclass
@@ -92,38 +128,68 @@ class _Problem:
     num_requests: int
 
 
-def _build_problem(tokenizer, requests: list[EditRequest], context_groups: list[list[str]], device) -> _Problem:
-    contexts = [c for g in context_groups for c in g]
+@dataclass
+class _RequestTokens:
+    """The token ids of one request's sequences: one per context template, then its KL prompt."""
+
+    ids: list[list[int]]  # prompt (+ target without its last token) per sequence
+    lookup: list[int]  # position of the subject's last token, per sequence
+    prompt_len: list[int]  # tokens of each rewriting prompt (without the target)
+    target: list[int]
+
+    def shape(self) -> PassShape:
+        """This request's token counts, as `value_memory` plans passes with them."""
+        return PassShape(
+            sequences=len(self.ids),
+            prefix=max(self.lookup),
+            suffix=max(len(ids) - at for ids, at in zip(self.ids, self.lookup)),
+            full=max(len(ids) for ids in self.ids),
+            logit_rows=len(self.prompt_len) * len(self.target),
+            kl_rows=1,
+        )
+
+
+def _tokenize_request(tokenizer, r: EditRequest, contexts: list[str]) -> _RequestTokens:
+    target = tokenizer(" " + r.target_new, add_special_tokens=False)["input_ids"]
+    if not target:
+        raise ValueError(f"request case_id={r.case_id!r}: target_new tokenises to nothing")
+    ids, lookup, prompt_len = [], [], []
+    for context in contexts:
+        template = fill(context, r.prompt)
+        prompt_ids = tokenizer(template.replace("{}", r.subject))["input_ids"]
+        ids.append(prompt_ids + target[:-1])
+        lookup.append(token_positions(tokenizer, [(template, r.subject)])[0])
+        prompt_len.append(len(prompt_ids))
+    ids.append(tokenizer(KL_PROMPT.replace("{}", r.subject))["input_ids"])
+    lookup.append(token_positions(tokenizer, [(KL_PROMPT, r.subject)])[0])
+    return _RequestTokens(ids, lookup, prompt_len, target)
+
+
+def _build_problem(requests: list[_RequestTokens], pad_id: int, device) -> _Problem:
     ids, seq_request, lookup, is_kl = [], [], [], []
     target_seq, target_pos, target_label, target_len, init_seq = [], [], [], [], []
     for r_idx, r in enumerate(requests):
-        target = tokenizer(" " + r.target_new, add_special_tokens=False)["input_ids"]
-        if not target:
-            raise ValueError(f"request case_id={r.case_id!r}: target_new tokenises to nothing")
-        target_len.append(len(target))
-        for c_idx, context in enumerate(contexts):
-            template = fill(context, r.prompt)
-            prompt_ids = tokenizer(template.replace("{}", r.subject))["input_ids"]
-            if c_idx == 0:
-                init_seq.append(len(ids))
-            for j, token in enumerate(target):
+        target_len.append(len(r.target))
+        init_seq.append(len(ids))  # the first context is the bare prompt
+        for c_idx, prompt_len in enumerate(r.prompt_len):
+            for j, token in enumerate(r.target):
                 target_seq.append(len(ids))
-                target_pos.append(len(prompt_ids) - 1 + j)
+                target_pos.append(prompt_len - 1 + j)
                 target_label.append(token)
-            ids.append(prompt_ids + target[:-1])
+            ids.append(r.ids[c_idx])
             seq_request.append(r_idx)
-            lookup.append(token_positions(tokenizer, [(template, r.subject)])[0])
+            lookup.append(r.lookup[c_idx])
             is_kl.append(False)
-        ids.append(tokenizer(KL_PROMPT.replace("{}", r.subject))["input_ids"])
+        ids.append(r.ids[-1])
         seq_request.append(r_idx)
-        lookup.append(token_positions(tokenizer, [(KL_PROMPT, r.subject)])[0])
+        lookup.append(r.lookup[-1])
         is_kl.append(True)
 
     def t(x, dtype=torch.long):
         return torch.tensor(x, dtype=dtype, device=device)
 
     return _Problem(
-        batch=pad_id_lists(ids, tokenizer.pad_token_id, device),
+        batch=pad_id_lists(ids, pad_id, device),
         seq_request=t(seq_request),
         lookup=t(lookup),
         is_kl=t(is_kl, torch.bool),
@@ -194,35 +260,116 @@ def pass_order(tokenizer, requests: list[EditRequest]) -> list[int]:
 
 def optimize_values(
     model, tokenizer, templates: ModuleTemplates, requests: list[EditRequest], context_groups, layer: int, hp: ValueOptimization,
-    reference: torch.Tensor | None = None,
+    reference: torch.Tensor | None = None, budget: MemoryBudget | None = None,
 ):
-    """Target values z (n, d_model) for all requests. Returns (z, info), both in the order of `requests`.
+    """Target values z (n, d_model) for all requests. Returns (z, info), both in the order of `requests`;
+    `info["plan"]` is the `PassPlan` the batch ran with.
 
     Each request's search depends only on its own loss (Adam and the clamp act per element
-    and per row, early stopping per request), so requests are solved in groups of
-    `hp.requests_per_pass`, one group after another: the result does not depend on the group
-    size, while memory (the autograd graph over the upper blocks, the cached prefixes) grows
-    with it. Requests are grouped by length so that a group pads little; this is why a large
-    batch costs less per edit than a small one.
+    and per row, early stopping per request), so requests are solved in passes of a few, one
+    pass after another: the result does not depend on the pass size beyond the order of
+    floating-point sums, while memory (the autograd graph over the upper blocks, the cached
+    prefixes) grows with it. Requests are grouped by length so that a pass pads little; this
+    is why a large batch costs less per edit than a small one. `auto` settings are planned
+    within `budget` (default: measured now; an editing method measures it once, at set-up).
 
     The clamp and the weight decay are relative to the norm of h, the block output at the
     subject's last token, unless `reference` (n, d_model) gives other vectors (ROME: the MLP output).
     """
     loss_layer = _check_layers(model, templates, layer, hp)
     order = pass_order(tokenizer, requests)
+    contexts = [c for g in context_groups for c in g]
+    tokens = [_tokenize_request(tokenizer, requests[i], contexts) for i in order]
+    device = next(model.parameters()).device
+    blocks = lower_precision_blocks(model, templates, layer + 1, loss_layer + 1, hp.compute_dtype)
+    if hp.is_auto and budget is None:
+        budget = memory_budget(device, hp.memory_budget_gb)
+    plan = plan_value_passes(model, loss_layer - layer, [t.shape() for t in tokens], hp, device, budget, blocks is not None)
     zs, infos = [], []
     with _frozen(model):
-        for start in range(0, len(order), hp.requests_per_pass):
-            group = order[start : start + hp.requests_per_pass]
+        for start in range(0, len(order), plan.requests_per_pass):
+            group = order[start : start + plan.requests_per_pass]
             ref = None if reference is None else reference[group]
-            z, info = _optimize_group(model, tokenizer, templates, [requests[i] for i in group], context_groups, layer, loss_layer, hp, ref)
+            z, info = _optimize_group(
+                model, tokenizer.pad_token_id, templates, tokens[start : start + plan.requests_per_pass], layer, loss_layer, hp, ref,
+                recompute=plan.recompute, blocks=blocks,
+            )
             zs.append(z)
             infos.append(info)
             trim_heap()  # the next group's tensors have other shapes
     back = torch.argsort(torch.tensor(order))  # position in `order` of each request
     z = torch.cat(zs)[back.to(zs[0].device)]
     info = {key: torch.cat([i[key] for i in infos])[back.to(infos[0][key].device)] for key in infos[0]}
+    info["plan"] = plan
     return z, info
+
+
+def plan_value_passes(
+    model, upper_blocks: int, shapes: list[PassShape], hp: ValueOptimization, device: torch.device, budget: MemoryBudget | None,
+    lower_precision: bool,
+) -> PassPlan:
+    """The `PassPlan` of a batch whose requests have `shapes` (in pass order), for a search over
+    `upper_blocks` blocks. Activations take the model's element size, except on bfloat16 copies
+    (`lower_precision`): their products' outputs are half-size, the residual stream stays float32."""
+    element = next(model.parameters()).element_size()
+    precision = Precision(hidden=4, mlp=2, kv=4) if lower_precision else Precision(element, element, element)
+    return plan_passes(
+        StackShapes.of(model, upper_blocks), shapes, device.type, precision,
+        hp.requests_per_pass, hp.recompute_activations, None if budget is None else budget.bytes,
+    )
+
+
+def prepare_value_search(model, templates: ModuleTemplates, layer: int, hp: ValueOptimization, device: torch.device) -> MemoryBudget | None:
+    """Set-up of an editing method's value search at `layer`: refuse a compute dtype the device
+    cannot run, make the lower-precision copy of the upper blocks once, and measure the memory
+    budget for `auto` settings. Says what `auto` will do (logging, `sphere_pl` logger)."""
+    check_compute_dtype(hp.compute_dtype, device)
+    loss_layer = _check_layers(model, templates, layer, hp)
+    copies = lower_precision_blocks(model, templates, layer + 1, loss_layer + 1, hp.compute_dtype)
+    dtype = "bfloat16 copies of the upper blocks" if copies is not None else f"{str(next(model.parameters()).dtype).removeprefix('torch.')}"
+    if not hp.is_auto:
+        log.info("value search: %s request(s) per pass, activations %s, %s", hp.requests_per_pass,
+                 "recomputed" if hp.recompute_activations else "kept", dtype)
+        return None
+    budget = memory_budget(device, hp.memory_budget_gb)
+    size = hp.requests_per_pass if hp.requests_per_pass != "auto" else (
+        "auto: the whole batch where it fits" if device.type == "cuda" else f"auto: {CPU_PASS} where they fit")
+    again = hp.recompute_activations if hp.recompute_activations != "auto" else f"auto: kept unless a pass of {SMALL_PASS} does not fit"
+    log.info("value search: memory budget %.2f GB (%s); requests per pass %s; recompute activations %s; %s",
+             budget.bytes / GB, budget.source, size, again, dtype)
+    return budget
+
+
+_LOWER_PRECISION: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def lower_precision_blocks(model, templates: ModuleTemplates, start: int, stop: int, compute_dtype: str) -> list[nn.Module] | None:
+    """bfloat16 copies of blocks [start, stop) for `compute_dtype: bfloat16`, or None (float32, or a
+    model already in half precision, which runs as it is).
+
+    Only the matrix weights are copied to bfloat16 (norms stay float32): under autocast a product
+    then reads its weight as it is, where autocast alone would cast every frozen weight at every
+    operation. The blocks above the edited layers are never edited, so the copies are made once per
+    model and kept while every weight they were made from is unchanged (its version counter and storage)."""
+    if compute_dtype != "bfloat16":
+        return None
+    blocks = list(model.get_submodule(templates.layers))[start:stop]
+    if next(model.parameters()).dtype in (torch.bfloat16, torch.float16):
+        return None
+    key = (start, stop, tuple((p.data_ptr(), p._version) for b in blocks for p in b.parameters()))
+    cached = _LOWER_PRECISION.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    _LOWER_PRECISION.pop(model, None)  # free the old copies before making new ones
+    copies = []
+    for block in blocks:
+        twin = copy.deepcopy(block).requires_grad_(False)
+        for module in twin.modules():
+            if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's transposed linear
+                module.to(torch.bfloat16)
+        copies.append(twin)
+    _LOWER_PRECISION[model] = (key, copies)
+    return copies
 
 
 @contextmanager
@@ -238,11 +385,15 @@ def _frozen(model):
             p.requires_grad_(flag)
 
 
-def _optimize_group(model, tokenizer, templates, requests, context_groups, layer: int, loss_layer: int, hp: ValueOptimization, reference):
-    """`optimize_values` for one group of requests, all optimised in the same forward and backward passes."""
+def _optimize_group(
+    model, pad_id: int, templates, requests: list[_RequestTokens], layer: int, loss_layer: int, hp: ValueOptimization, reference,
+    recompute: bool, blocks: list[nn.Module] | None,
+):
+    """`optimize_values` for one pass of requests, all optimised in the same forward and backward passes.
+    `blocks`: lower-precision copies of the upper blocks to run (under autocast) instead of the model's."""
     device = next(model.parameters()).device
     lm_head = model.get_submodule(templates.lm_head)
-    p = _build_problem(tokenizer, requests, context_groups, device)
+    p = _build_problem(requests, pad_id, device)
     n = p.num_requests
 
     block_out = capture(model, p.batch, outputs_of=[templates.layer_at(layer)], stop_after=templates.layer_at(layer))[
@@ -251,7 +402,9 @@ def _optimize_group(model, tokenizer, templates, requests, context_groups, layer
     h_init = _wide(block_out[p.init_seq, p.lookup[p.init_seq]])  # (n, d)
     h_norm = (h_init if reference is None else _wide(reference)).norm(dim=-1)
     max_norm = hp.clamp_norm_factor * h_norm
-    runner = SuffixRunner(model, templates, block_out, p.batch["attention_mask"], p.lookup, layer + 1, loss_layer + 1, recompute=hp.recompute_activations)
+    lower = torch.autocast(device.type, dtype=torch.bfloat16) if blocks is not None else nullcontext()
+    with lower:
+        runner = SuffixRunner(model, templates, block_out, p.batch["attention_mask"], p.lookup, layer + 1, loss_layer + 1, recompute=recompute, blocks=blocks)
     dtype = block_out.dtype
     del block_out  # the runner keeps only the suffixes and the prefixes' keys and values
 
@@ -266,7 +419,8 @@ def _optimize_group(model, tokenizer, templates, requests, context_groups, layer
 
     for it in range(hp.num_grad_steps):
         seqs = all_seqs[active[p.seq_request]]
-        final = runner.run(seqs, delta[p.seq_request[seqs]])
+        with lower:
+            final = runner.run(seqs, delta[p.seq_request[seqs]])
         remap = torch.full((p.seq_request.shape[0],), -1, dtype=torch.long, device=device)
         remap[seqs] = torch.arange(len(seqs), device=device)
 
@@ -310,7 +464,8 @@ def optimize_values_reference(model, tokenizer, templates: ModuleTemplates, requ
     num_layers = len(model.get_submodule(templates.layers))
     zs = []
     for request in requests:
-        p = _build_problem(tokenizer, [request], context_groups, device)
+        contexts = [c for g in context_groups for c in g]
+        p = _build_problem([_tokenize_request(tokenizer, request, contexts)], tokenizer.pad_token_id, device)
         delta = torch.zeros(model.config.hidden_size, device=device, dtype=_wide(lm_head.weight).dtype, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.lr)
         state = {}

@@ -12,6 +12,7 @@ plus three commands on edit patches and checkpoints.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import zipfile
@@ -157,6 +158,7 @@ def main(args: list[str] | None = None):
     edits) end with their one-line message and a hint instead of a traceback, exit status 1;
     `SPHERE_PL_TRACEBACK=1` shows the traceback too."""
     argv = list(sys.argv[1:] if args is None else args)
+    _show_progress_messages()
     if argv and argv[0] in PATCH_COMMANDS:
         from .commands import run_command
 
@@ -185,6 +187,17 @@ def main(args: list[str] | None = None):
             f"error: invalid setting: {own}\nhint: change that value in the config or on the command line "
             "(`python -m sphere_pl fit --print_config` shows every setting and its current value)"
         ) from None
+
+
+def _show_progress_messages() -> None:
+    """sphere_pl's own INFO messages (the value search's memory plan, statistics progress) on stderr,
+    as Lightning shows its own; a handler already configured by the user is left alone."""
+    logger = logging.getLogger("sphere_pl")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("sphere_pl: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _raised_by_sphere_pl(error: BaseException) -> BaseException | str | None:

@@ -87,7 +87,8 @@ def test_value_loss_kl_is_edited_given_original_like_the_official_code(tok, floa
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
-    p = values_module._build_problem(tok, REQUESTS, GROUPS, "cpu")
+    contexts = [c for g in GROUPS for c in g]
+    p = values_module._build_problem([values_module._tokenize_request(tok, r, contexts) for r in REQUESTS], tok.pad_token_id, "cpu")
     n_seq, width, d = p.seq_request.shape[0], p.batch["input_ids"].shape[1], 8
     hidden = torch.randn(n_seq, width, d, generator=g, dtype=torch.float64)
     lm_head = torch.nn.Linear(d, VOCAB, bias=False).double()
@@ -283,7 +284,7 @@ def test_optimize_values_matches_reference_on_other_families(tok, float64_defaul
 
 
 def test_value_optimization_rejects_a_non_boolean_recompute_switch():
-    with pytest.raises(ValueError, match="values.recompute_activations = 'yes' must be true or false"):
+    with pytest.raises(ValueError, match="values.recompute_activations = 'yes' must be true, false or auto"):
         ValueOptimization(recompute_activations="yes")
 
 

@@ -12,6 +12,7 @@ batch leaves the method exactly as it was, and `revert` undoes committed batches
 from __future__ import annotations
 
 import dataclasses
+import logging
 from contextlib import contextmanager
 from typing import ClassVar
 
@@ -22,9 +23,12 @@ from ...data.records import EditRequest
 from ..keys import GENERATION_PREFIXES, KeyReader, generate_context_templates
 from ..lm import LoadedModel
 from ..stats import KeyStatistics, second_moments
-from ..values import ValueOptimization, optimize_values
+from ..value_memory import GB, MemoryBudget
+from ..values import ValueOptimization, optimize_values, prepare_value_search
 from ...models import linear_weight, set_linear_weight
 from ..writer import DeltaFilter, WeightWriter
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -211,13 +215,28 @@ class LocateThenEdit(EditMethod):
             if bad:
                 raise ValueError(f"context_templates must each contain '{{}}' exactly once: {bad}")
         self.context_groups = [["{}"], list(context_templates)] if context_templates else None
+        self.value_budget: MemoryBudget | None = None  # what `auto` value-search settings plan with (set-up)
+        self._last_plan = None
 
-    # Context templates are plain strings: they travel in the checkpoint as extra state.
+    # Context templates are plain strings: they travel in the checkpoint as extra state, and so does
+    # the value search's memory budget, so that a resumed run plans its passes as the first one did.
     def get_extra_state(self):
-        return {"context_groups": self.context_groups}
+        budget = self.value_budget
+        return {"context_groups": self.context_groups, "value_budget": None if budget is None else [budget.bytes, budget.source]}
 
     def set_extra_state(self, state):
         self.context_groups = state["context_groups"]
+        saved, now = state.get("value_budget"), self.value_budget
+        if saved is None or now is None:
+            return
+        if saved[0] <= 1.1 * now.bytes:  # free memory moves a little between runs: plan as the run started
+            self.value_budget = MemoryBudget(int(saved[0]), f"{saved[1]}, as when the run started")
+        else:
+            log.warning(
+                "value search: the run started with a %.2f GB memory budget, this device now gives only %.2f GB: passes are planned "
+                "within the smaller one, so target values may differ from an uninterrupted run in their last bits",
+                saved[0] / GB, now.bytes / GB,
+            )
 
     def setup(self, lm: LoadedModel) -> None:
         super().setup(lm)
@@ -225,6 +244,24 @@ class LocateThenEdit(EditMethod):
             self.context_groups = generate_context_templates(
                 lm.model, lm.tokenizer, self.context_length, self.context_prefixes, self.context_seed
             )
+        self.value_budget = prepare_value_search(lm.model, lm.templates, self.layers[-1], self.values, lm.device)
+
+    def value_search(self, lm: LoadedModel, requests: list[EditRequest], layer: int, reference: torch.Tensor | None = None):
+        """`optimize_values` with this method's settings and memory budget; logs the plan when it changes."""
+        with lm.timer("value_optimisation"):
+            z, info = optimize_values(lm.model, lm.tokenizer, lm.templates, requests, self.context_groups, layer, self.values,
+                                      reference=reference, budget=self.value_budget)
+        plan = info["plan"]
+        if self.values.is_auto and plan != self._last_plan:
+            log.info("value search: %s", plan.describe())
+        self._last_plan = plan
+        return z, info
+
+    @staticmethod
+    def plan_info(info: dict) -> dict[str, float]:
+        """The batch's pass plan as loggable numbers (`edit/requests_per_pass`, `edit/recompute_activations`)."""
+        plan = info["plan"]
+        return {"requests_per_pass": float(plan.requests_per_pass), "recompute_activations": float(plan.recompute)}
 
     def settings(self) -> dict:
         return {
@@ -245,8 +282,7 @@ class LocateThenEdit(EditMethod):
     def edit(self, lm: LoadedModel, requests: list[EditRequest], writer: WeightWriter) -> BatchEdit:
         model, tok, templates = lm.model, lm.tokenizer, lm.templates
         z_layer = self.layers[-1]
-        with lm.timer("value_optimisation"):
-            targets, info = optimize_values(model, tok, templates, requests, self.context_groups, z_layer, self.values)
+        targets, info = self.value_search(lm, requests, z_layer)
         self._check_values_moved(requests, info)
 
         with lm.timer("keys"):
@@ -275,7 +311,7 @@ class LocateThenEdit(EditMethod):
         with lm.timer("keys"):
             final_keys, _ = reader.read(self.layers)
         return BatchEdit(
-            info={"value_loss": float(info["loss"].mean()), "value_steps": float(info["steps"].float().mean())},
+            info={"value_loss": float(info["loss"].mean()), "value_steps": float(info["steps"].float().mean()), **self.plan_info(info)},
             state=self.batch_state(final_keys),
         )
 

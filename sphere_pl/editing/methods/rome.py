@@ -27,7 +27,7 @@ from ...tracing import capture, token_positions, tokenize
 from ..keys import GENERATION_PREFIXES, KeyReader, generate_context_templates
 from ..lm import LoadedModel
 from ..stats import KeyStatistics
-from ..values import ValueOptimization, optimize_values
+from ..values import ValueOptimization
 from ..writer import WeightWriter
 from .base import BatchEdit, LocateThenEdit, register_method, single_layer
 
@@ -94,12 +94,12 @@ class ROME(LocateThenEdit):
     def edit(self, lm: LoadedModel, requests: list[EditRequest], writer: WeightWriter) -> BatchEdit:
         losses, steps = [], []
         for request in requests:
-            loss, step = self._edit_one(lm, request, writer)
+            loss, step, plan = self._edit_one(lm, request, writer)
             losses.append(loss)
             steps.append(step)
-        return BatchEdit(info={"value_loss": sum(losses) / len(losses), "value_steps": sum(steps) / len(steps)})
+        return BatchEdit(info={"value_loss": sum(losses) / len(losses), "value_steps": sum(steps) / len(steps), **plan})
 
-    def _edit_one(self, lm: LoadedModel, request: EditRequest, writer: WeightWriter) -> tuple[float, float]:
+    def _edit_one(self, lm: LoadedModel, request: EditRequest, writer: WeightWriter) -> tuple[float, float, dict]:
         model, tok, templates = lm.model, lm.tokenizer, lm.templates
         name = templates.down_proj_at(self.layer)
         with lm.timer("keys"):
@@ -111,11 +111,10 @@ class ROME(LocateThenEdit):
         if self.mom2_adjustment:
             u = torch.linalg.solve(self.key_moment.double(), u.double()).to(u.dtype)
         u = u / u.norm()
-        with lm.timer("value_optimisation"):
-            _, info = optimize_values(model, tok, templates, [request], self.context_groups, self.layer, self.values, reference=mlp_out[None])
+        _, info = self.value_search(lm, [request], self.layer, reference=mlp_out[None])
         self._check_values_moved([request], info)
         with lm.timer("solve"):
             delta = info["delta"][0].to(k.dtype)  # v* − W k: what the MLP output must gain
             update = torch.outer(delta, u) / torch.dot(u, k)  # rank one, and update @ k = delta
         writer.write(name, update)
-        return float(info["loss"].mean()), float(info["steps"].float().mean())
+        return float(info["loss"].mean()), float(info["steps"].float().mean()), self.plan_info(info)
