@@ -21,6 +21,7 @@ from sphere_pl import EditCheckpoint, EditDataModule, HypersphericalEnergyMonito
 from sphere_pl.editing.methods import AlphaEdit
 from sphere_pl.editing.stats import KeyStatistics, accumulate_moments, model_fingerprint
 from sphere_pl.editing.values import ValueOptimization
+from sphere_pl.lightning import EditingStrategy
 from sphere_pl.models import load_model_and_tokenizer, resolve_templates
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -29,10 +30,10 @@ NUM_EDITS, NUM_BATCHES = 4, 3
 EDITED = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
 
 
-def make_method(stats_cache: str) -> AlphaEdit:
+def make_method(stats_cache: str, **values) -> AlphaEdit:
     return AlphaEdit(
         layers=[1, 2],
-        values=ValueOptimization(num_grad_steps=5, lr=0.5),
+        values=ValueOptimization(num_grad_steps=5, lr=0.5, **values),
         stats=KeyStatistics(corpus=str(CORPUS), num_samples=20, seq_len=64, cache_dir=stats_cache),
         context_templates=CONTEXT_TEMPLATES,
     )
@@ -45,12 +46,13 @@ class DeviceRecorder(L.Callback):
         pl_module.devices_seen = getattr(pl_module, "devices_seen", set()) | {pl_module.model.get_submodule(EDITED[0]).weight.device.type}
 
 
-def fit(model_dir, stats_cache, root: Path, accelerator: str, dtype="float32", callbacks=(), ckpt_path=None):
+def fit(model_dir, stats_cache, root: Path, accelerator: str, dtype="float32", callbacks=(), ckpt_path=None, strategy="auto", **values):
     """A full Lightning run: three batches of four quickstart facts, HE every batch, a checkpoint per batch."""
-    editor = SequentialEditor(model_name_or_path=model_dir, dtype=dtype, method=make_method(stats_cache))
+    editor = SequentialEditor(model_name_or_path=model_dir, dtype=dtype, method=make_method(stats_cache, **values))
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,
+        strategy=strategy,
         max_epochs=1,
         default_root_dir=root,
         logger=CSVLogger(root, name="csv", version=0),
@@ -185,3 +187,28 @@ def test_a_bfloat16_gpu_run_writes_the_float32_change_where_bfloat16_can_hold_it
         print(f"{name}: {int(held.sum())} weights changed by > 4 bfloat16 steps; relative error of the bf16 change {relative_error:.3f}")
         assert relative_error < 0.3, name
     assert all(torch.isfinite(torch.tensor(v)) for v in he_rows(trainer).values())
+
+
+def logged(trainer, key: str) -> list[float]:
+    import csv
+
+    with open(Path(trainer.logger.log_dir) / "metrics.csv", newline="") as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key, "") != ""]
+
+
+def test_an_editing_strategy_run_ends_with_the_model_and_method_still_on_the_gpu(tiny_model_dir, stats_cache, tmp_path):
+    """`EditingStrategy` (the CLI's for one device) skips Lightning's copy back to the CPU at the end of fit."""
+    editor, _ = fit(tiny_model_dir, stats_cache, tmp_path / "run", "gpu", strategy=EditingStrategy())
+    assert editor.editor.edits_applied == NUM_EDITS * NUM_BATCHES
+    assert editor.model.get_submodule(EDITED[0]).weight.device.type == "cuda"
+    assert editor.method.projectors.device.type == "cuda"
+
+
+def test_auto_settings_on_the_gpu_run_a_batch_in_one_pass_and_the_bfloat16_search_edits_like_float32(gpu_run, tiny_model_dir, stats_cache, tmp_path):
+    """On a GPU `auto` runs the whole batch in one pass (small passes are launch-bound) without recomputation;
+    compute_dtype bfloat16 runs the upper blocks on bfloat16 copies and moves the weights the float32 way."""
+    editor, trainer = fit(tiny_model_dir, stats_cache, tmp_path / "bf16-search", "gpu", compute_dtype="bfloat16")
+    assert logged(trainer, "edit/requests_per_pass") == [float(NUM_EDITS)] * NUM_BATCHES
+    assert logged(trainer, "edit/recompute_activations") == [0.0] * NUM_BATCHES
+    change = largest_change(gpu_run[0], tiny_model_dir)
+    assert max_abs_diff(weights(editor), weights(gpu_run[0])) <= 0.1 * change

@@ -30,7 +30,7 @@ import math
 import copy
 import logging
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -344,13 +344,13 @@ _LOWER_PRECISION: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKe
 
 
 def lower_precision_blocks(model, templates: ModuleTemplates, start: int, stop: int, compute_dtype: str) -> list[nn.Module] | None:
-    """bfloat16 copies of blocks [start, stop) for `compute_dtype: bfloat16`, or None (float32, or a
-    model already in half precision, which runs as it is).
+    """Copies of blocks [start, stop) whose matrix products run in bfloat16 (`compute_dtype: bfloat16`),
+    or None (float32, or a model already in half precision, which runs as it is).
 
-    Only the matrix weights are copied to bfloat16 (norms stay float32): under autocast a product
-    then reads its weight as it is, where autocast alone would cast every frozen weight at every
-    operation. The blocks above the edited layers are never edited, so the copies are made once per
-    model and kept while every weight they were made from is unchanged (its version counter and storage)."""
+    Each linear layer of a copy holds its weight in bfloat16 (`_BFloat16Product`); everything else
+    (norms, attention, the MLP's activation, the residual stream) stays in the model's dtype. The
+    blocks above the edited layers are never edited, so the copies are made once per model and kept
+    while every weight they were made from is unchanged (its version counter and storage)."""
     if compute_dtype != "bfloat16":
         return None
     blocks = list(model.get_submodule(templates.layers))[start:stop]
@@ -364,12 +364,29 @@ def lower_precision_blocks(model, templates: ModuleTemplates, start: int, stop: 
     copies = []
     for block in blocks:
         twin = copy.deepcopy(block).requires_grad_(False)
-        for module in twin.modules():
+        for name, module in list(twin.named_modules()):
             if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's transposed linear
-                module.to(torch.bfloat16)
+                parent, _, attr = name.rpartition(".")
+                setattr(twin.get_submodule(parent) if parent else twin, attr, _BFloat16Product(module))
         copies.append(twin)
     _LOWER_PRECISION[model] = (key, copies)
     return copies
+
+
+class _BFloat16Product(nn.Module):
+    """A frozen linear layer whose matrix product runs in bfloat16: the weight is kept in bfloat16
+    (cast once, where autocast would cast it at every call), the input is cast for the product and the
+    output cast back to the input's dtype, so the rest of the block computes as before."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        weight = linear.weight.detach()
+        weight = weight.T if type(linear).__name__ == "Conv1D" else weight  # Conv1D stores (in, out)
+        self.register_buffer("weight", weight.to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
 
 
 @contextmanager
@@ -390,7 +407,7 @@ def _optimize_group(
     recompute: bool, blocks: list[nn.Module] | None,
 ):
     """`optimize_values` for one pass of requests, all optimised in the same forward and backward passes.
-    `blocks`: lower-precision copies of the upper blocks to run (under autocast) instead of the model's."""
+    `blocks`: lower-precision copies of the upper blocks to run instead of the model's."""
     device = next(model.parameters()).device
     lm_head = model.get_submodule(templates.lm_head)
     p = _build_problem(requests, pad_id, device)
@@ -402,9 +419,7 @@ def _optimize_group(
     h_init = _wide(block_out[p.init_seq, p.lookup[p.init_seq]])  # (n, d)
     h_norm = (h_init if reference is None else _wide(reference)).norm(dim=-1)
     max_norm = hp.clamp_norm_factor * h_norm
-    lower = torch.autocast(device.type, dtype=torch.bfloat16) if blocks is not None else nullcontext()
-    with lower:
-        runner = SuffixRunner(model, templates, block_out, p.batch["attention_mask"], p.lookup, layer + 1, loss_layer + 1, recompute=recompute, blocks=blocks)
+    runner = SuffixRunner(model, templates, block_out, p.batch["attention_mask"], p.lookup, layer + 1, loss_layer + 1, recompute=recompute, blocks=blocks)
     dtype = block_out.dtype
     del block_out  # the runner keeps only the suffixes and the prefixes' keys and values
 
@@ -419,8 +434,7 @@ def _optimize_group(
 
     for it in range(hp.num_grad_steps):
         seqs = all_seqs[active[p.seq_request]]
-        with lower:
-            final = runner.run(seqs, delta[p.seq_request[seqs]])
+        final = runner.run(seqs, delta[p.seq_request[seqs]])
         remap = torch.full((p.seq_request.shape[0],), -1, dtype=torch.long, device=device)
         remap[seqs] = torch.arange(len(seqs), device=device)
 

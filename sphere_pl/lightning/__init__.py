@@ -5,10 +5,12 @@ from .datamodule import EditDataModule
 from .general import GeneralAbilityMonitor
 from .he_analysis import HEAnalysis
 from .module import SequentialEditor
+from .strategy import EditingStrategy
 
 __all__ = [
     "EditCheckpoint",
     "EditDataModule",
+    "EditingStrategy",
     "GeneralAbilityMonitor",
     "HEAnalysis",
     "HypersphericalEnergyMonitor",

@@ -35,6 +35,7 @@ from .general import GeneralAbilityMonitor
 from .he_analysis import HEAnalysis
 from .loggers import AutoWandbLogger
 from .module import SequentialEditor
+from .strategy import EditingStrategy
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,  # one pass over the edit batches
@@ -74,6 +75,14 @@ class SphereCLI(LightningCLI):
                 f"got {self.trainer.world_size} processes; evaluate on several with validate/test --ckpt_path C "
                 "--trainer.strategy ddp --trainer.devices N"
             )
+
+    def instantiate_trainer(self, **kwargs):
+        """A single-device run gets `EditingStrategy`: no copy of the model back to the CPU when fit ends."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.get("trainer", {})
+        if trainer.get("strategy", "auto") == "auto" and str(trainer.get("devices", "auto")) == "1":
+            kwargs.setdefault("strategy", EditingStrategy())
+        return super().instantiate_trainer(**kwargs)
 
     def before_validate(self) -> None:
         self._apply_patch("validate")
