@@ -30,6 +30,7 @@ import lightning as L
 import torch
 
 from sphere_pl import EditDataModule, create_method, HypersphericalEnergyMonitor, SequentialEditor, SphereProjection
+from sphere_pl.lightning import EditingStrategy
 from sphere_pl.editing import values as values_module
 from sphere_pl.editing.stats import KeyStatistics
 from sphere_pl.editing.values import ValueOptimization
@@ -85,8 +86,8 @@ class Progress(L.Callback):
         self.train_end = time.perf_counter()
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        # Lightning's teardown, between the two hooks, moves the module back to the CPU: on LLaMA3-8B
-        # 15 GB of weights and 7.7 GB of method buffers, a one-off cost of the run, not of its edits
+        # Lightning's teardown runs between the two hooks (with its own strategy it moved the module back to
+        # the CPU: on LLaMA3-8B 15 GB of weights and 7.7 GB of method buffers); a one-off cost, not of the edits
         self.teardown_seconds = time.perf_counter() - self.train_end
 
 
@@ -148,6 +149,29 @@ class AllocatedPeak:
         self._stop.set()
 
 
+def auto_or(kind):
+    """argparse type: 'auto', or a value of `kind`."""
+    return lambda text: "auto" if text == "auto" else kind(text)
+
+
+def yes_no(text: str) -> bool:
+    if text not in ("yes", "no"):
+        raise argparse.ArgumentTypeError("expected yes, no or auto")
+    return text == "yes"
+
+
+class PassPlans(L.Callback):
+    """The value search's pass plan of every batch (`edit/requests_per_pass`, `edit/recompute_activations`)."""
+
+    def __init__(self):
+        self.plans = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        info = pl_module.editor.last_info
+        if "requests_per_pass" in info:
+            self.plans.append((int(info["requests_per_pass"]), bool(info["recompute_activations"])))
+
+
 def tensor_gb(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 1024**3
 
@@ -157,10 +181,12 @@ def main() -> None:
     parser.add_argument("--edits", type=int, default=30)
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--requests-per-pass", type=int, default=ValueOptimization.requests_per_pass,
-                        help="requests sharing one forward/backward pass of the value search (memory vs speed)")
-    parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=ValueOptimization.recompute_activations,
-                        help="values.recompute_activations: re-run each upper block in the value search's backward pass instead of keeping its activations")
+    parser.add_argument("--requests-per-pass", type=auto_or(int), default="auto",
+                        help="values.requests_per_pass: requests sharing one forward/backward pass of the value search (default: auto)")
+    parser.add_argument("--recompute", type=auto_or(yes_no), default="auto",
+                        help="values.recompute_activations: yes, no or auto (default): re-run each upper block in the backward pass")
+    parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32", help="values.compute_dtype")
+    parser.add_argument("--memory-budget-gb", type=float, default=None, help="values.memory_budget_gb: the most memory auto may plan with")
     parser.add_argument("--malloc-peak", action="store_true",
                         help="also sample malloc's allocated bytes (glibc mallinfo2, every 5 ms): slows the run by a few per cent")
     parser.add_argument("--reference", action="store_true", help="straightforward one-request-at-a-time value optimisation")
@@ -195,7 +221,8 @@ def main() -> None:
 
     scratch = tempfile.TemporaryDirectory(prefix="sphere_pl-edit-speed-")  # removed at exit, also on errors
     cache = os.path.join(scratch.name, "stats") if args.fresh_stats else "~/.cache/sphere_pl/stats"
-    values = ValueOptimization(num_grad_steps=args.steps, requests_per_pass=args.requests_per_pass, recompute_activations=args.recompute, **HPARAMS[args.hparams])
+    values = ValueOptimization(num_grad_steps=args.steps, requests_per_pass=args.requests_per_pass, recompute_activations=args.recompute,
+                               compute_dtype=args.compute_dtype, memory_budget_gb=args.memory_budget_gb, **HPARAMS[args.hparams])
     stats = KeyStatistics(corpus=str(CORPUS), num_samples=args.stats_samples, seq_len=256, cache_dir=cache)
     if args.method == "ft":  # one down_proj (LLaMA3: layer 21 of 32; SmolLM2: 20 of 30), no statistics
         method = create_method("ft", layer=20, num_steps=args.steps)
@@ -220,13 +247,14 @@ def main() -> None:
     load_s = time.perf_counter() - start
     editor.editor.lm.timer = peaks = PeakByPhase(editor.editor.lm.timer)
     after_load = rss_gb()
-    marks, progress = MemoryMarks(), Progress(peaks)
+    marks, progress, plans = MemoryMarks(), Progress(peaks), PassPlans()
     source = str(COUNTERFACT) if args.data == "counterfact" else args.data
     data = EditDataModule(source=source, num_edits=args.batch, dataset_size_limit=args.edits, num_holdout=2, shuffle=False)
     trainer = L.Trainer(
         max_epochs=1,
         logger=L.pytorch.loggers.CSVLogger(os.path.join(scratch.name, "logs")),
-        callbacks=[HypersphericalEnergyMonitor(), marks, progress],
+        callbacks=[HypersphericalEnergyMonitor(), marks, progress, plans],
+        strategy=EditingStrategy(),  # as the CLI: no copy of the model back to the CPU when fit ends
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -254,9 +282,14 @@ def main() -> None:
           f"threads: {torch.get_num_threads()}, model load {load_s:.1f} s")
     print(f"mode: {'reference (per request, full forward passes)' if args.reference else 'fast (batched, prefix-cached)'}; "
           f"{args.method}, {n} edits from {args.data} in batches of {args.batch}, {args.steps} value steps, {args.hparams} hyper-parameters "
-          f"{HPARAMS[args.hparams]}, {args.requests_per_pass} requests per pass, activations {'recomputed' if args.recompute else 'kept'}")
+          f"{HPARAMS[args.hparams]}, value search in {args.compute_dtype}")
+    chosen = sorted(set(plans.plans))
+    print(f"value search passes: requests_per_pass={args.requests_per_pass}, recompute_activations={args.recompute}"
+          f"{'' if args.memory_budget_gb is None else f', memory_budget_gb={args.memory_budget_gb}'} -> "
+          + "; ".join(f"{size} per pass, activations {'recomputed' if again else 'kept'}" for size, again in chosen)
+          + (f" (budget: {editor.method.value_budget.source})" if getattr(editor.method, "value_budget", None) else ""))
     print(f"one-off: statistics {statistics_s:.1f} s ({'forced to compute' if args.fresh_stats else 'computed only when not cached'}), "
-          f"other set-up {setup_s - statistics_s:.1f} s; end of fit (the module moved back to the CPU) {teardown_s:.1f} s")
+          f"other set-up {setup_s - statistics_s:.1f} s; end of fit {teardown_s:.1f} s (EditingStrategy: the module stays on its device)")
     print(f"{'phase':<22}{'s/edit':>10}")
     for p in PHASES[1:]:
         print(f"{p:<22}{seconds.get(p, 0.0) / n:>10.3f}")

@@ -33,9 +33,10 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=100)
     parser.add_argument("--batches", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--requests-per-pass", type=int, default=ValueOptimization.requests_per_pass)
+    parser.add_argument("--requests-per-pass", type=lambda t: t if t == "auto" else int(t), default="auto")
     parser.add_argument("--layer", type=int, default=8)
-    parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=ValueOptimization.recompute_activations,
+    parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default="auto",
                         help="values.recompute_activations (re-run blocks in the backward pass; --no-recompute keeps their activations)")
     args = parser.parse_args()
 
@@ -44,10 +45,11 @@ def main() -> None:
     contexts = generate_context_templates(model, tok, 10, list(GENERATION_PREFIXES), 0)
     requests = load_edit_requests(str(COUNTERFACT))[: args.records]
     hp = ValueOptimization(num_grad_steps=args.steps, lr=0.1, clamp_norm_factor=0.75, weight_decay=0.5, requests_per_pass=args.requests_per_pass,
-                           recompute_activations=args.recompute)
+                           recompute_activations=args.recompute, compute_dtype=args.compute_dtype)
     print(f"SmolLM2-135M-Instruct, {len(requests)} CounterFact records, layer {args.layer}, {args.steps} steps, paper hyper-parameters, "
-          f"{torch.get_num_threads()} thread(s), {args.requests_per_pass} requests per pass, activations {'recomputed' if args.recompute else 'kept'}")  # fmt: skip
-    print("| batch | CPU s per edit | wall s per edit | mean steps | peak RSS so far (GB) |\n|---:|---:|---:|---:|---:|")
+          f"{torch.get_num_threads()} thread(s), requests_per_pass {args.requests_per_pass}, recompute_activations {args.recompute}, "
+          f"compute_dtype {args.compute_dtype}")  # fmt: skip
+    print("| batch | CPU s per edit | wall s per edit | mean steps | peak RSS so far (GB) | plan (last batch) |\n|---:|---:|---:|---:|---:|---|")
     for size in args.batches:
         cpu, wall, steps = time.process_time(), time.perf_counter(), []
         for start in range(0, len(requests), size):
@@ -55,7 +57,8 @@ def main() -> None:
             steps += info["steps"].tolist()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-        print(f"| {size} | {cpu / len(requests):.2f} | {wall / len(requests):.2f} | {sum(steps) / len(steps):.1f} | {peak:.2f} |", flush=True)
+        print(f"| {size} | {cpu / len(requests):.2f} | {wall / len(requests):.2f} | {sum(steps) / len(steps):.1f} | {peak:.2f} | "
+              f"{info['plan'].describe()} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--passes", nargs="+", default=["10:10", "100:100", "100:4", "10:4"], help="BATCH:REQUESTS_PER_PASS")
     parser.add_argument("--layer", type=int, default=8)
-    parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=ValueOptimization.recompute_activations,
+    parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default="auto",
                         help="values.recompute_activations (the figures in BENCHMARKS.md's profile were taken with --no-recompute)")
     args = parser.parse_args()
 

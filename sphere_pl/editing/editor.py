@@ -168,6 +168,12 @@ class Editor:
                         f"but the model takes at most {max_length}"
                     )
 
+    def check_fits(self, requests: Sequence[EditRequest]) -> None:
+        """After set-up, before any edit: refuse requests the method cannot edit within its settings
+        (e.g. a value search that would not fit its memory budget even one request at a time)."""
+        self.prepare()
+        self.method.check_requests(self.lm, list(requests))
+
     def apply(self, requests: Sequence[EditRequest]) -> Patch:
         """Edit one batch; returns the Patch of what was written. All or nothing."""
         requests = list(requests)

@@ -32,8 +32,8 @@ import torch
 #: share of the free memory that `auto` may plan with: the CPU's RAM is shared with the
 #: evaluation, the loggers and the rest of the machine; a GPU is the run's own
 AUTO_SHARE = {"cpu": 0.5, "cuda": 0.8}
-#: requests per pass on a CPU: the fastest in a scan at 2 threads (BENCHMARKS.md)
-CPU_PASS = 8
+#: requests per pass on a CPU: the fastest in a scan at 2 threads, float32 and bfloat16 (8-16 within 7 %; BENCHMARKS.md)
+CPU_PASS = 12
 #: the smallest pass worth running without recomputation before recomputing instead
 SMALL_PASS = 4
 GB = 1024**3
@@ -97,24 +97,32 @@ class Precision:
     kv: int
 
 
-def pass_bytes(shapes: StackShapes, p: PassShape, recompute: bool, precision: Precision) -> int:
-    """Estimated peak of the bytes one pass of the value search holds allocated (tensors; what the
-    allocator keeps beside them is `ALLOCATOR_SLACK`)."""
+def kept_bytes(shapes: StackShapes, p: PassShape, recompute: bool, precision: Precision) -> int:
+    """Bytes autograd keeps after a pass's forward for its backward: every upper block's activations
+    (or, recomputing, only each block's input) and the log-probabilities over the vocabulary."""
     tokens = p.sequences * p.suffix
     kv = p.sequences * (p.prefix + p.suffix) * 2 * shapes.kv_dim * precision.kv  # keys and values attention keeps, per block
-    block = tokens * shapes.block_token_bytes(precision.hidden, precision.mlp) + kv
-    if recompute:  # each block's input, and one block's activations while it is re-run
-        kept = shapes.blocks * tokens * shapes.hidden * precision.hidden + block
+    if recompute:
+        blocks = shapes.blocks * tokens * shapes.hidden * precision.hidden
     else:
-        kept = shapes.blocks * block
+        blocks = shapes.blocks * (tokens * shapes.block_token_bytes(precision.hidden, precision.mlp) + kv)
+    return blocks + (p.logit_rows + p.kl_rows) * shapes.vocab * 4
+
+
+def pass_bytes(shapes: StackShapes, p: PassShape, recompute: bool, precision: Precision) -> int:
+    """Estimated peak of the bytes one pass of the value search holds allocated (tensors; what the
+    allocator keeps beside them is `ALLOCATOR_SLACK`): what autograd keeps, the prefixes' keys and
+    values, the gradient of the log-probabilities, one block re-run (recomputing) or the gradients
+    flowing back through one, and the KL reference."""
+    tokens = p.sequences * p.suffix
+    kv = p.sequences * (p.prefix + p.suffix) * 2 * shapes.kv_dim * precision.kv
+    one_block = tokens * shapes.block_token_bytes(precision.hidden, precision.mlp) + kv if recompute else 0
     prefix_cache = shapes.blocks * p.sequences * p.prefix * 2 * shapes.kv_dim * precision.kv
-    # log-probabilities over the vocabulary (float32) and their gradient; the KL reference stays
-    logits = (p.logit_rows + p.kl_rows) * shapes.vocab * 4 * 2 + p.kl_rows * shapes.vocab * 4
-    # gradients flowing back through a block
+    logits = (p.logit_rows + p.kl_rows) * shapes.vocab * 4 + p.kl_rows * shapes.vocab * 4
     transient = tokens * (shapes.hidden + shapes.intermediate) * 4
     # the pass below the edited layer (no gradients): its output over whole sequences, one block's work
     below = p.sequences * p.full * (2 * shapes.hidden + 2 * shapes.intermediate) * 4
-    return max(kept + prefix_cache + logits + transient, below)
+    return max(kept_bytes(shapes, p, recompute, precision) + one_block + prefix_cache + logits + transient, below)
 
 
 #: resident memory per allocated byte at the value search's peak: glibc keeps freed blocks of one
@@ -183,7 +191,7 @@ def plan_passes(
             return fixed_size if peak(fixed_size, again) <= budget_bytes else None
         size = preferred
         while size >= 1 and peak(size, again) > budget_bytes:
-            size = size // 2 if size > 8 else size - 1  # halve the large ones, then step down
+            size = size // 2 if size > 16 else size - 1  # halve the large ones, then step down
         return size if size >= 1 else None
 
     if fixed_recompute is None:
@@ -199,7 +207,7 @@ def plan_passes(
         one = peak(1 if fixed_size is None else fixed_size, True if fixed_recompute is None else fixed_recompute)
         what = "one request" if fixed_size is None else f"a pass of {fixed_size} requests"
         raise ValueMemoryError(
-            f"values: {what} of this batch needs ~{one / GB:.3f} GB in the value search "
+            f"values: {what} needs ~{one / GB:.3f} GB in the value search "
             f"({'activations recomputed' if (fixed_recompute is None or fixed_recompute) else 'activations kept'}), "
             f"more than its memory budget of {budget_bytes / GB:.3f} GB (values.memory_budget_gb, or the free memory "
             "of the device): raise values.memory_budget_gb or free memory"
@@ -286,5 +294,5 @@ def is_budget_gb(value) -> bool:
 
 __all__ = [
     "ALLOCATOR_SLACK", "AUTO_SHARE", "CPU_PASS", "SMALL_PASS", "MemoryBudget", "PassPlan", "PassShape", "Precision", "StackShapes", "ValueMemoryError",
-    "check_compute_dtype", "free_bytes", "memory_budget", "pass_bytes", "plan_passes",
+    "check_compute_dtype", "free_bytes", "kept_bytes", "memory_budget", "pass_bytes", "plan_passes",
 ]

@@ -43,7 +43,7 @@ from ..data.records import EditRequest
 from ..tracing import SuffixRunner, capture, pad_id_lists, token_positions
 from .keys import fill
 from .value_memory import (
-    CPU_PASS, GB, SMALL_PASS, MemoryBudget, PassPlan, PassShape, Precision, StackShapes, check_compute_dtype, is_budget_gb, memory_budget, plan_passes,
+    CPU_PASS, GB, SMALL_PASS, MemoryBudget, PassPlan, PassShape, Precision, StackShapes, ValueMemoryError, check_compute_dtype, is_budget_gb, memory_budget, plan_passes,
 )
 
 log = logging.getLogger(__name__)
@@ -309,14 +309,34 @@ def plan_value_passes(
     lower_precision: bool,
 ) -> PassPlan:
     """The `PassPlan` of a batch whose requests have `shapes` (in pass order), for a search over
-    `upper_blocks` blocks. Activations take the model's element size, except on bfloat16 copies
-    (`lower_precision`): their products' outputs are half-size, the residual stream stays float32."""
+    `upper_blocks` blocks. Activations take the model's element size; on bfloat16 copies
+    (`lower_precision`) they stay float32 (a bfloat16 product keeps only its weight for the backward)."""
     element = next(model.parameters()).element_size()
-    precision = Precision(hidden=4, mlp=2, kv=4) if lower_precision else Precision(element, element, element)
+    precision = Precision(4, 4, 4) if lower_precision else Precision(element, element, element)
     return plan_passes(
         StackShapes.of(model, upper_blocks), shapes, device.type, precision,
         hp.requests_per_pass, hp.recompute_activations, None if budget is None else budget.bytes,
     )
+
+
+def check_value_memory(
+    model, tokenizer, templates: ModuleTemplates, requests: list[EditRequest], context_groups, layer: int, hp: ValueOptimization,
+    budget: MemoryBudget,
+) -> None:
+    """Refuse, before any edit, a request whose value search would not fit `budget` even alone (with
+    `auto`, the smallest pass the planner may choose): `ValueMemoryError` names it and the bytes it needs."""
+    loss_layer = _check_layers(model, templates, layer, hp)
+    contexts = [c for g in context_groups for c in g]
+    device = next(model.parameters()).device
+    lower = hp.compute_dtype == "bfloat16" and next(model.parameters()).dtype not in (torch.bfloat16, torch.float16)
+    shapes = {r.case_id: _tokenize_request(tokenizer, r, contexts).shape() for r in requests}
+    # the request with the most tokens in its pass is the one that needs the most memory
+    case_id, shape = max(shapes.items(), key=lambda item: item[1].sequences * (item[1].prefix + item[1].suffix))
+    try:
+        together = 1 if hp.requests_per_pass == "auto" else min(len(requests), hp.requests_per_pass)  # auto may go down to one
+        plan_value_passes(model, loss_layer - layer, [shape] * together, hp, device, budget, lower)
+    except ValueMemoryError as e:
+        raise ValueMemoryError(f"request case_id={case_id!r}: {e}") from None
 
 
 def prepare_value_search(model, templates: ModuleTemplates, layer: int, hp: ValueOptimization, device: torch.device) -> MemoryBudget | None:
@@ -364,13 +384,30 @@ def lower_precision_blocks(model, templates: ModuleTemplates, start: int, stop: 
     copies = []
     for block in blocks:
         twin = copy.deepcopy(block).requires_grad_(False)
+        cast = _LastCast()  # queries, keys and values (gate and up) read the same input: cast it once
         for name, module in list(twin.named_modules()):
             if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's transposed linear
                 parent, _, attr = name.rpartition(".")
-                setattr(twin.get_submodule(parent) if parent else twin, attr, _BFloat16Product(module))
+                setattr(twin.get_submodule(parent) if parent else twin, attr, _BFloat16Product(module, cast))
         copies.append(twin)
     _LOWER_PRECISION[model] = (key, copies)
     return copies
+
+
+class _LastCast:
+    """The bfloat16 cast of the last input given, reused while the same tensor comes again: the
+    products of one block that read one input share one cast (in the graph and in memory)."""
+
+    def __init__(self):
+        self.source, self.version, self.cast = None, None, None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self.source or x._version != self.version:
+            self.source, self.version, self.cast = x, x._version, x.to(torch.bfloat16)
+        return self.cast
+
+    def __deepcopy__(self, memo):  # never share a cast between copies
+        return _LastCast()
 
 
 class _BFloat16Product(nn.Module):
@@ -378,15 +415,16 @@ class _BFloat16Product(nn.Module):
     (cast once, where autocast would cast it at every call), the input is cast for the product and the
     output cast back to the input's dtype, so the rest of the block computes as before."""
 
-    def __init__(self, linear: nn.Module):
+    def __init__(self, linear: nn.Module, cast: _LastCast):
         super().__init__()
         weight = linear.weight.detach()
         weight = weight.T if type(linear).__name__ == "Conv1D" else weight  # Conv1D stores (in, out)
         self.register_buffer("weight", weight.to(torch.bfloat16).contiguous())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+        self.cast = cast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+        return torch.nn.functional.linear(self.cast(x), self.weight, self.bias).to(x.dtype)
 
 
 @contextmanager

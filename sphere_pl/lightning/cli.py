@@ -26,6 +26,7 @@ from ..data.records import EditDataError
 from ..editing.editor import CheckpointMismatchError, EditFailedError, SettingsError
 from ..editing.patch import PatchError
 from ..editing.stats import StatisticsFileError
+from ..editing.value_memory import ValueMemoryError
 from ..evaluation.base import EvalDataError
 from ..models import ModelLoadError
 from .checkpoint_io import CheckpointFormatError, is_safetensors_checkpoint
@@ -153,6 +154,7 @@ HINTS: dict[type[Exception], str] = {
     CheckpointMismatchError: "resume with the config of the run that wrote this checkpoint (same model, data and seed), or start without --ckpt_path",
     StatisticsFileError: "point stats.from_file at the .npz files computed for this model (<module>_<dtype>_mom2_<n>.npz), or remove it to compute C0",
     CheckpointFormatError: "resume from a *.ckpt written by fit (the previous numbered checkpoint if the last one is damaged)",
+    ValueMemoryError: "raise values.memory_budget_gb (or free memory on the device), or shorten that record's prompt",
     EditFailedError: "edits already applied and checkpoints already written are intact: resume with --ckpt_path <dir>/last.ckpt",
 }
 SPHERE_ERRORS = tuple(HINTS)

@@ -136,6 +136,8 @@ class SequentialEditor(L.LightningModule):
         if self._trainer is not None:  # Lightning moves the module only after setup(): C0 and the projectors belong on the GPU
             self.to(self.trainer.strategy.root_device)
         self.editor.prepare()  # validate/test too: a method may evaluate weights derived from the pretrained ones
+        if datamodule is not None and stage == "fit":
+            self.editor.check_fits(datamodule.edit_requests)  # e.g. the value search's memory, now that it is measured
         if self.pending_patch is not None:
             self.pending_patch.apply_to(self.editor.model)
             self.pending_patch = None

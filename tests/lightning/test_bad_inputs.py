@@ -4,7 +4,7 @@ patches and checkpoints, each given to the CLI as a user would.
 Every row must end with one clear error (the file, the record or field, the fix), a
 non-zero exit status, no traceback, and no partial edit: no checkpoint written, and files
 that were given (checkpoints, patches) unchanged. The CLI runs in this process (the same
-`main` that `python -m sphere_pl` calls) so that 46 rows cost about a minute; four rows also run
+`main` that `python -m sphere_pl` calls) so that 49 rows cost about a minute; five rows also run
 as a real subprocess to check the exit status and stderr a user sees.
 """
 
@@ -225,6 +225,13 @@ ROWS = [
     ("config-no-value-steps", config_change(**{"model.method.init_args.values.num_grad_steps": 0}), r"values.num_grad_steps = 0"),
     ("config-no-requests-per-pass", config_change(**{"model.method.init_args.values.requests_per_pass": 0}),
      r"values.requests_per_pass = 0 must be an integer >= 1"),
+    ("config-memory-budget-too-small", config_change(**{"model.method.init_args.values.memory_budget_gb": 1e-6}),
+     r"request case_id=.*: values: one request needs ~\d\.\d+ GB in the value search \(activations recomputed\), more than its memory "
+     r"budget of 0\.000 GB \(values.memory_budget_gb.*\nhint: raise values.memory_budget_gb"),
+    ("config-memory-budget-not-positive", config_change(**{"model.method.init_args.values.memory_budget_gb": 0}),
+     r"values.memory_budget_gb = 0(\.0)? must be a positive number of GB"),
+    ("config-compute-dtype-unknown", config_change(**{"model.method.init_args.values.compute_dtype": "float16"}),
+     r"compute_dtype.*float16"),
     ("config-empty-null-space", config_change(**{"model.method.init_args.nullspace_threshold": 0.0}), r"nullspace_threshold = 0.0 leaves an empty null space"),
     ("config-accumulate-dtype", config_change(**{"model.method.init_args.stats.accumulate_dtype": "bfloat16"}),
      r"accumulate_dtype must be one of \['float32', 'float64'\], got 'bfloat16'"),
@@ -301,9 +308,9 @@ def test_rows_cover_every_kind_of_input():
     assert kinds == {"config", "edits", "eval", "stats", "patch", "ckpt"} and len(ROWS) >= 30
 
 
-@pytest.mark.parametrize("row", ["ckpt-truncated", "edits-malformed-json", "stats-wrong-shape", "config-rome-two-layers"])
+@pytest.mark.parametrize("row", ["ckpt-truncated", "edits-malformed-json", "stats-wrong-shape", "config-rome-two-layers", "config-memory-budget-too-small"])
 def test_the_real_cli_exits_non_zero_with_the_same_line(ctx, tmp_path, row):
-    """Four rows (a checkpoint, an edit file, a statistics file, a setting) through `python -m sphere_pl`
+    """Five rows (a checkpoint, an edit file, a statistics file, two settings) through `python -m sphere_pl`
     in a subprocess: status 1, the line, no traceback, nothing written."""
     break_input, expected = next(r[1:] for r in ROWS if r[0] == row)
     argv, config = break_input(ctx, tmp_path)

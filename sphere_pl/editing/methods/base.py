@@ -24,7 +24,7 @@ from ..keys import GENERATION_PREFIXES, KeyReader, generate_context_templates
 from ..lm import LoadedModel
 from ..stats import KeyStatistics, second_moments
 from ..value_memory import GB, MemoryBudget
-from ..values import ValueOptimization, optimize_values, prepare_value_search
+from ..values import ValueOptimization, check_value_memory, optimize_values, prepare_value_search
 from ...models import linear_weight, set_linear_weight
 from ..writer import DeltaFilter, WeightWriter
 
@@ -59,6 +59,8 @@ class EditMethod(nn.Module):
       (bit for bit). Stateless methods need neither.
     * ``delta_filters()``: the method's own post-processing of each delta; the writer runs
       these before the configured filters (e.g. SPHERE's projection).
+    * ``check_requests(lm, requests)``: after set-up, refuse requests it cannot edit within its
+      settings (the value search's memory budget), before any edit.
     * ``evaluation_weights(lm, writer)``: a context manager that puts other weights in place
       while the model is evaluated (PRUNE); the default evaluates the live weights.
     * ``settings()``: its hyper-parameters as a JSON-friendly dict, extending the base's.
@@ -95,6 +97,9 @@ class EditMethod(nn.Module):
 
     def edit(self, lm: LoadedModel, requests: list[EditRequest], writer: WeightWriter) -> BatchEdit:
         raise NotImplementedError
+
+    def check_requests(self, lm: LoadedModel, requests: list[EditRequest]) -> None:
+        """After `setup`: raise for requests this method cannot edit within its settings (default: none)."""
 
     def commit(self, state) -> None:
         """Fold in the state change of a batch whose writes all succeeded."""
@@ -245,6 +250,11 @@ class LocateThenEdit(EditMethod):
                 lm.model, lm.tokenizer, self.context_length, self.context_prefixes, self.context_seed
             )
         self.value_budget = prepare_value_search(lm.model, lm.templates, self.layers[-1], self.values, lm.device)
+
+    def check_requests(self, lm: LoadedModel, requests: list[EditRequest]) -> None:
+        """A request whose value search would not fit the memory budget even alone stops the run here."""
+        if self.value_budget is not None and requests:
+            check_value_memory(lm.model, lm.tokenizer, lm.templates, requests, self.context_groups, self.layers[-1], self.values, self.value_budget)
 
     def value_search(self, lm: LoadedModel, requests: list[EditRequest], layer: int, reference: torch.Tensor | None = None):
         """`optimize_values` with this method's settings and memory budget; logs the plan when it changes."""
