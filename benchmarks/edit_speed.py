@@ -33,6 +33,7 @@ from sphere_pl import EditDataModule, create_method, HypersphericalEnergyMonitor
 from sphere_pl.lightning import EditingStrategy
 from sphere_pl.editing import values as values_module
 from sphere_pl.editing.stats import KeyStatistics
+from sphere_pl.editing.value_memory import PassPlan
 from sphere_pl.editing.values import ValueOptimization
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,9 +211,10 @@ def main() -> None:
     if args.reference:  # swap the value solver for the per-request reference (same signature, returns z only)
         values_module_fast = values_module.optimize_values
 
-        def reference(*a, **k):
+        def reference(*a, reference=None, budget=None, **k):
             z = values_module.optimize_values_reference(*a, **k)
-            return z, {"loss": torch.zeros(1), "steps": torch.zeros(1), "delta_norm": torch.ones(1), "initial_loss": torch.ones(1)}
+            plan = PassPlan(1, False, 0, None)  # one request at a time, full forward passes
+            return z, {"loss": torch.zeros(1), "steps": torch.zeros(1), "delta_norm": torch.ones(1), "initial_loss": torch.ones(1), "plan": plan}
 
         import sphere_pl.editing.methods.base as base_module
 

@@ -4,9 +4,10 @@
 The value search (`values.py`) runs a batch's requests a few at a time ("passes"). A pass keeps,
 for the backward pass, the activations of every block above the edited layer over the
 suffixes of its sequences, the keys and values of their prefixes, and logits over the
-vocabulary where the loss reads them. `pass_bytes` estimates that from the model's shapes and
-the pass's token counts (checked against autograd's saved tensors in the tests). `plan_passes`
-then picks, for one batch:
+vocabulary where the loss reads them. `kept_bytes` estimates that from the model's shapes and
+the pass's token counts (checked against the tensors autograd saves, in the tests), `pass_bytes`
+the pass's peak, and `ALLOCATOR_SLACK` what the allocator holds beside it. `plan_passes` then
+picks, for one batch:
 
 * no recomputation when a pass of `SMALL_PASS` requests fits without it (recomputing re-runs
   every upper block in the backward pass: ~40 % more value-search time on the CPU);
@@ -53,7 +54,7 @@ class StackShapes:
     heads: int
     blocks: int
     vocab: int
-    gated: bool  # a gated MLP (LLaMA, Qwen, Mistral) keeps gate, activation, up and product
+    gated: bool  # a gated MLP (LLaMA, Qwen, Mistral): its backward keeps gate, activation and up
 
     @classmethod
     def of(cls, model, blocks: int) -> "StackShapes":

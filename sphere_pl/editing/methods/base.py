@@ -262,9 +262,10 @@ class LocateThenEdit(EditMethod):
             z, info = optimize_values(lm.model, lm.tokenizer, lm.templates, requests, self.context_groups, layer, self.values,
                                       reference=reference, budget=self.value_budget)
         plan = info["plan"]
-        if self.values.is_auto and plan != self._last_plan:
+        chosen = (plan.requests_per_pass, plan.recompute)
+        if self.values.is_auto and chosen != self._last_plan:  # the first batch's plan, then each change
             log.info("value search: %s", plan.describe())
-        self._last_plan = plan
+        self._last_plan = chosen
         return z, info
 
     @staticmethod
