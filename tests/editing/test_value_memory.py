@@ -249,3 +249,13 @@ def test_the_bfloat16_search_lands_near_the_float32_one(tiny_model_and_templates
     relative = float((info16["delta"] - info32["delta"]).norm() / info32["delta"].norm())
     assert 0 < relative < 0.05, relative  # bfloat16 products do change the path, a little
     assert float((info16["loss"] - info32["loss"]).abs().max()) < 0.05
+
+
+def test_a_bfloat16_model_searches_in_its_own_dtype_whatever_compute_dtype_says(tok):
+    model = tiny_llama(layers=4).to(torch.bfloat16)
+    templates = resolve_templates(model)
+    hp = ValueOptimization(num_grad_steps=4, lr=0.1, early_stop_loss=-1.0)
+    z_f32, info = optimize_values(model, tok, templates, REQUESTS[:4], GROUPS, 1, hp)
+    z_b16, _ = optimize_values(model, tok, templates, REQUESTS[:4], GROUPS, 1, dataclasses.replace(hp, compute_dtype="bfloat16"))
+    assert torch.equal(z_f32, z_b16) and z_b16.dtype == torch.bfloat16 and bool(torch.isfinite(z_b16.float()).all())
+    assert float(info["delta_norm"].min()) > 0  # the search moved every request
