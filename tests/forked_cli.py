@@ -128,25 +128,35 @@ def _cli_child(args: list[str], cwd: str, env: dict[str, str], stdout_path: str,
         os._exit(status)
 
 
+class RunningCli:
+    """A `python -m sphere_pl ARGS` process forked from the server, running: signal it, wait for it, read its output."""
+
+    def __init__(self, ctx, args: list[str], cwd: Path, env: dict[str, str]):
+        streams = Path(env["HOME"]) / ".forked-cli"
+        streams.mkdir(exist_ok=True)
+        index = len(list(streams.glob("*.out")))
+        self.args, self.out, self.err = list(args), streams / f"{index}.out", streams / f"{index}.err"
+        self.process = ctx.Process(target=_cli_child, args=(self.args, str(cwd), dict(env), str(self.out), str(self.err)))
+        self.process.start()
+
+    def result(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+            raise subprocess.TimeoutExpired(["sphere_pl", *self.args], timeout)
+        encoding = locale.getpreferredencoding(False)
+        stdout = self.out.read_text(encoding=encoding) if self.out.exists() else ""
+        stderr = self.err.read_text(encoding=encoding) if self.err.exists() else ""
+        return subprocess.CompletedProcess(["python", "-m", "sphere_pl", *self.args], self.process.exitcode, stdout, stderr)
+
+
 def run_cli_forked(ctx, args: list[str], cwd: Path, env: dict[str, str], ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m sphere_pl ARGS` forked from the server; asserts the exit status as `helpers.run_cli` does."""
-    streams = Path(env["HOME"]) / ".forked-cli"
-    streams.mkdir(exist_ok=True)
-    index = len(list(streams.glob("*.out")))
-    out, err = streams / f"{index}.out", streams / f"{index}.err"
-    process = ctx.Process(target=_cli_child, args=(list(args), str(cwd), dict(env), str(out), str(err)))
-    process.start()
-    process.join(timeout)
-    if process.is_alive():
-        process.kill()
-        process.join()
-        raise subprocess.TimeoutExpired(["sphere_pl", *args], timeout)
-    encoding = locale.getpreferredencoding(False)
-    stdout = out.read_text(encoding=encoding) if out.exists() else ""
-    stderr = err.read_text(encoding=encoding) if err.exists() else ""
-    result = subprocess.CompletedProcess(["python", "-m", "sphere_pl", *args], process.exitcode, stdout, stderr)
+    result = RunningCli(ctx, args, cwd, env).result(timeout)
     if ok:
         assert result.returncode == 0, f"sphere_pl {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     else:
         assert result.returncode != 0, f"sphere_pl {args} should have failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
+

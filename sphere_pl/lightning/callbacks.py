@@ -7,13 +7,18 @@ report through `pl_module.log_progress`.
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
+import socket
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..evaluation import protocol
 from ..sphere.hyperspherical import hyperspherical_energy
@@ -85,12 +90,34 @@ class EditCheckpoint(L.Callback):
         self.every_n_batches = every_n_batches
         self.keep_last = keep_last
         self.saved: list[str] = []
+        self._lock = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Checkpoints are safetensors files (no pickle on reading): install the CheckpointIO
-        unless the trainer was given a custom one. Runs before Lightning restores --ckpt_path."""
+        unless the trainer was given a custom one. Runs before Lightning restores --ckpt_path.
+        A `fit` takes the checkpoint directory for itself (`RunLock`)."""
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafetensorsCheckpointIO()
+        if stage == "fit" and trainer.is_global_zero:
+            self._lock = RunLock.take(self._dir(trainer))
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A stop by SIGTERM (what schedulers send before they kill a job) says how far the run got
+        and where it can resume; the CLI then exits non-zero so that the job is requeued. Any
+        failure gives the directory back (Lightning calls no teardown after one)."""
+        self.teardown(trainer, pl_module, "fit")
+        if isinstance(exception, SIGTERMException) and trainer.is_global_zero:
+            last = self._dir(trainer) / "last.ckpt"
+            total = getattr(trainer.datamodule, "edit_requests", None) if trainer.datamodule is not None else None
+            of = f" of {len(total)}" if total is not None else ""
+            where = f"its last checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            print(f"sphere_pl: stopped by SIGTERM after {pl_module.editor.edits_applied}{of} edits "
+                  f"({pl_module.editor.batches_done} batches); {where}", file=sys.stderr, flush=True)
 
     def _dir(self, trainer) -> Path:
         return Path(self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints"))
@@ -109,12 +136,19 @@ class EditCheckpoint(L.Callback):
             if trainer.is_global_zero and os.path.exists(old):
                 os.remove(old)
 
-    @staticmethod
-    def _atomic_save(trainer, path: Path) -> None:
+    def _atomic_save(self, trainer, path: Path) -> None:
         """Temp file, fsync, rename, fsync of the directory: a crash leaves either the old file
-        or the new one under `path`, never a torn one."""
+        or the new one under `path`, never a torn one. A write that fails (a full disk) is one
+        error naming the checkpoint to resume from."""
         tmp = path.with_name(path.name + ".tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)  # loops, callbacks and data position too
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)  # loops, callbacks and data position too
+        except OSError as e:
+            if trainer.is_global_zero and tmp.exists():
+                tmp.unlink()
+            good = [p for p in self.saved if p != str(path) and os.path.exists(p)]
+            resume = f"resume from {good[-1]} once there is room" if good else "no earlier checkpoint of this run exists: start again once there is room"
+            raise CheckpointWriteError(f"could not write checkpoint {path}: {e.strerror or e}; the checkpoints already written are whole: {resume}") from None
         if trainer.is_global_zero:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -130,6 +164,49 @@ class EditCheckpoint(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.saved = list(state_dict["saved"])
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the ones already written are whole."""
+
+
+class RunDirectoryInUseError(RuntimeError):
+    """Another running `fit` writes into the same checkpoint directory."""
+
+
+class RunLock:
+    """An exclusive lock on a checkpoint directory for the life of a `fit`: two runs writing each
+    other's checkpoints are refused. An advisory `flock`, which the kernel drops when the process
+    ends, so a killed run never leaves it stuck; the file says who holds it."""
+
+    NAME = ".sphere_pl.lock"
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    @classmethod
+    def take(cls, directory: Path) -> "RunLock":
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / cls.NAME, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunDirectoryInUseError(
+                f"checkpoint directory {directory} is in use by a running fit ({holder}): give this run its own "
+                "checkpoint.dirpath and trainer.default_root_dir, or wait for that run to end"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        return cls(handle)
+
+    def release(self) -> None:
+        fcntl.flock(self.handle.fileno(), fcntl.LOCK_UN)
+        self.handle.close()
 
 
 class RunSummary(L.Callback):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from typing import Any
 
@@ -74,7 +75,14 @@ def save_checkpoint_file(checkpoint: dict, path: str | os.PathLike) -> None:
     """Write `checkpoint` to `path` as safetensors (not atomic by itself: see `EditCheckpoint`)."""
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(checkpoint, tensors, "")
-    save_file(tensors, str(path), metadata={"format": FORMAT, "structure": json.dumps(structure)})
+    try:
+        save_file(tensors, str(path), metadata={"format": FORMAT, "structure": json.dumps(structure)})
+    except SafetensorError as e:  # safetensors reports the system's I/O errors (a full disk) as its own
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        errno = int(code.group(1))
+        raise OSError(errno, os.strerror(errno), str(path)) from e
 
 
 def is_safetensors_checkpoint(path: str | os.PathLike) -> bool:

@@ -30,7 +30,10 @@ from ..editing.value_memory import ValueMemoryError
 from ..evaluation.base import EvalDataError
 from ..models import ModelLoadError
 from .checkpoint_io import CheckpointFormatError, is_safetensors_checkpoint
-from .callbacks import EditCheckpoint, HypersphericalEnergyMonitor, RunSummary
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from .callbacks import CheckpointWriteError, EditCheckpoint, HypersphericalEnergyMonitor, RunDirectoryInUseError, RunSummary
 from .datamodule import EditDataModule
 from .general import GeneralAbilityMonitor
 from .he_analysis import HEAnalysis
@@ -48,6 +51,7 @@ TRAINER_DEFAULTS = {
     "logger": lazy_instance(AutoWandbLogger, save_dir="runs"),
 }
 PATCH_COMMANDS = ("export", "apply", "rollback")
+SIGTERM_EXIT = 128 + 15  # the shell's status for a process ended by SIGTERM
 
 
 class SphereCLI(LightningCLI):
@@ -68,6 +72,11 @@ class SphereCLI(LightningCLI):
         )  # fmt: skip
 
     def before_fit(self) -> None:
+        if self.trainer.max_epochs != 1:
+            raise SystemExit(
+                f"error: trainer.max_epochs = {self.trainer.max_epochs}: an editing run makes one pass over its edit batches "
+                "(each edit is applied once); leave it at 1 and set data.dataset_size_limit for how many edits"
+            )
         if self.config["fit"].get("patch"):
             raise SystemExit("error: --patch is for validate and test; to continue editing, resume with --ckpt_path")
         if self.trainer.world_size > 1:
@@ -155,6 +164,8 @@ HINTS: dict[type[Exception], str] = {
     StatisticsFileError: "point stats.from_file at the .npz files computed for this model (<module>_<dtype>_mom2_<n>.npz), or remove it to compute C0",
     CheckpointFormatError: "resume from a *.ckpt written by fit (the previous numbered checkpoint if the last one is damaged)",
     ValueMemoryError: "raise values.memory_budget_gb (or free memory on the device), or shorten that record's prompt",
+    RunDirectoryInUseError: "two runs must not share checkpoints: give each its own directory",
+    CheckpointWriteError: "free disk space (or point checkpoint.dirpath elsewhere), then resume with --ckpt_path <that checkpoint>",
     EditFailedError: "edits already applied and checkpoints already written are intact: resume with --ckpt_path <dir>/last.ckpt",
 }
 SPHERE_ERRORS = tuple(HINTS)
@@ -184,10 +195,20 @@ def main(args: list[str] | None = None):
             save_config_kwargs={"overwrite": True},
             args=argv,
         )
+    except SIGTERMException:  # Lightning ends a run stopped by SIGTERM with SystemExit(None), i.e. status 0
+        print("error: stopped by SIGTERM before the end of the run: the batches finished before it are checkpointed\n"
+              "hint: run the same command with --ckpt_path <checkpoint.dirpath>/last.ckpt to resume it "
+              f"(exit status {SIGTERM_EXIT}, so that a scheduler requeues the job)", file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT) from None
     except SPHERE_ERRORS as e:
         if os.environ.get("SPHERE_PL_TRACEBACK"):
             raise
         raise SystemExit(f"error: {e}\nhint: {_hint(e)}") from None
+    except MisconfigurationException as e:  # Lightning's refusal of a trainer setting (an accelerator this machine lacks, ...)
+        if os.environ.get("SPHERE_PL_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: invalid trainer setting: {str(e).strip().splitlines()[0]}\nhint: check the trainer.* settings "
+                         "(trainer.accelerator: auto takes a GPU where there is one)") from None
     except (ValueError, TypeError, OSError) as e:
         own = _raised_by_sphere_pl(e)
         if own is None or os.environ.get("SPHERE_PL_TRACEBACK"):
