@@ -1,7 +1,7 @@
 """Loading causal LMs and finding the modules an editor touches.
 
 Edited weights are always handled in `nn.Linear` layout (d_out x d_in); GPT-2's
-`Conv1D` stores the transpose, and `linear_weight` / `add_to_linear_weight` hide that.
+`Conv1D` stores the transpose, and `linear_weight` / `set_linear_weight` hide that.
 """
 
 from __future__ import annotations

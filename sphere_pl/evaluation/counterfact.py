@@ -1,7 +1,7 @@
 """CounterFact metrics (ROME's definitions) as torchmetrics `Metric`s, and an evaluator.
 
 Every CounterFact prompt is scored twice, with the new and the true target (length-normalised
-NLL, `sphere_pl.scoring`). The prompt groups differ in which target should win:
+NLL, `sphere_pl.evaluation.scoring`). The prompt groups differ in which target should win:
 
 =================  ==========================  ==========  ============
 group              prompts                     preferred   ROME names

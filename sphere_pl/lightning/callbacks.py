@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -219,6 +220,11 @@ class RunSummary(L.Callback):
         self.dirpath = dirpath
 
     @rank_zero_only
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """What is about to be edited, how, and with what memory (in place of Lightning's model table)."""
+        print(format_header(pl_module, trainer.datamodule), flush=True)
+
+    @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
         directory = Path(self.dirpath or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
@@ -255,6 +261,34 @@ class RunSummary(L.Callback):
         print(format_summary(summary, directory))
 
 
+def format_header(pl_module, datamodule) -> str:
+    """The lines printed when `fit` starts: model, method, filters, edits, C0, memory settings."""
+    editor = pl_module.editor
+    method = editor.method
+    settings = method.settings()
+    dtype = str(next(editor.model.parameters()).dtype).removeprefix("torch.")
+    lines = [f"sphere_pl fit: {editor.lm.model_id} in {dtype} on {editor.lm.device}"]
+    values = settings.get("values")
+    how = f"; value search {values['num_grad_steps']} steps, lr {values['lr']}, clamp {values['clamp_norm_factor']}, weight decay {values['weight_decay']}" if values else ""
+    lines.append(f"  method   {method.name} on layers {list(method.layers)}{how}")
+    filters = ", ".join(f"{f['name']}({', '.join(f'{k} {v}' for k, v in f.items() if k != 'name')})" for f in editor.settings()["filters"]) or "none"
+    lines.append(f"  filters  {filters}")
+    if datamodule is not None and getattr(datamodule, "edit_requests", None):
+        total, size = len(datamodule.edit_requests), datamodule.num_edits
+        resumed = f"; resuming after {editor.edits_applied}" if editor.edits_applied else ""
+        lines.append(f"  edits    {total} in batches of {size} ({-(-total // size)} batches), {len(datamodule.holdout_requests)} held out{resumed}")
+    stats = settings.get("stats")
+    if stats:
+        source = stats["from_file"] or f"{stats['corpus']}, {stats['num_samples']} x {stats['seq_len']} tokens (cached in {stats['cache_dir']})"
+        lines.append(f"  C0       {source}")
+    if values:
+        budget = getattr(method, "value_budget", None)
+        memory = f"within {budget.bytes / 1024**3:.2f} GB ({budget.source})" if budget is not None else "explicit"
+        lines.append(f"  memory   value search: requests_per_pass {values['requests_per_pass']}, recompute_activations "
+                     f"{values['recompute_activations']}, {memory}; compute {values['compute_dtype']}")
+    return "\n".join(lines)
+
+
 def format_summary(summary: dict, directory: Path) -> str:
     """The console table: final metrics, then HE per edited layer."""
     lines = [f"sphere_pl run summary: {summary['edits']} edits in {summary['batches']} batches on {summary['model_id']}"]
@@ -269,3 +303,49 @@ def format_summary(summary: dict, directory: Path) -> str:
             lines.append(f"{layer:<8}  {v['he']:12.6f}  {v['he_delta']:12.4e}  {v['he_relative']:10.3e}")
     lines += ["", f"written: {directory / 'summary.json'}, {directory / 'metrics.csv'}"]
     return "\n".join(lines)
+
+
+class EditProgressBar(TQDMProgressBar):
+    """A progress bar over edits: done/total, seconds per edit, the time left. (Lightning's counts
+    batches of an epoch and shows `v_num`; an editing run has one pass and edits of its own.)"""
+
+    @property
+    def train_description(self) -> str:
+        return "editing"
+
+    @property
+    def validation_description(self) -> str:
+        return "scoring edited facts"
+
+    @property
+    def test_description(self) -> str:
+        return "scoring"
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.unit, bar.unit_scale = "edit", False
+        return bar
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self._leave:
+            self.train_progress_bar = self.init_train_tqdm()
+        requests = getattr(trainer.datamodule, "edit_requests", None) if trainer.datamodule is not None else None
+        bar, done = self.train_progress_bar, pl_module.editor.edits_applied
+        bar.reset(total=len(requests) if requests is not None else None)
+        bar.initial = bar.n = done  # a resumed run starts where it was
+        bar.set_description(self.train_description)
+        self._start, self._done_at_start = time.perf_counter(), done
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        bar.n = pl_module.editor.edits_applied
+        done = bar.n - self._done_at_start
+        if done:
+            bar.set_postfix_str(f"{(time.perf_counter() - self._start) / done:.2f} s/edit", refresh=False)
+        bar.refresh()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.train_progress_bar.refresh()
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        return {}  # no v_num, no loss: the postfix says seconds per edit

@@ -19,6 +19,7 @@ import zipfile
 from urllib.parse import urlsplit
 
 from jsonargparse import lazy_instance
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from ..data.readers import EditSourceError
@@ -33,7 +34,7 @@ from .checkpoint_io import CheckpointFormatError, is_safetensors_checkpoint
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .callbacks import CheckpointWriteError, EditCheckpoint, HypersphericalEnergyMonitor, RunDirectoryInUseError, RunSummary
+from .callbacks import CheckpointWriteError, EditCheckpoint, EditProgressBar, HypersphericalEnergyMonitor, RunDirectoryInUseError, RunSummary
 from .datamodule import EditDataModule
 from .general import GeneralAbilityMonitor
 from .he_analysis import HEAnalysis
@@ -46,6 +47,7 @@ TRAINER_DEFAULTS = {
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 1,  # every edit batch is a point on the curves
     "enable_checkpointing": False,  # EditCheckpoint replaces ModelCheckpoint (no optimizer steps here)
+    "enable_model_summary": False,  # RunSummary prints what is edited instead of a table of trainable parameters (none)
     "devices": 1,
     "default_root_dir": "runs",
     "logger": lazy_instance(AutoWandbLogger, save_dir="runs"),
@@ -92,7 +94,16 @@ class SphereCLI(LightningCLI):
         trainer = config.get("trainer", {})
         if trainer.get("strategy", "auto") == "auto" and str(trainer.get("devices", "auto")) == "1":
             kwargs.setdefault("strategy", EditingStrategy())
+        callbacks = trainer.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, EditProgressBar()])  # counts edits, not batches of an epoch
         return super().instantiate_trainer(**kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test: `predict` has nothing to predict in an editing run."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name != "predict"}
 
     def before_validate(self) -> None:
         self._apply_patch("validate")
@@ -175,11 +186,33 @@ def _hint(error: Exception) -> str:
     return next((hint for kind, hint in HINTS.items() if isinstance(error, kind)), "see the message above")
 
 
+HELP = """usage: python -m sphere_pl COMMAND [options]      (installed: sphere-pl COMMAND [options])
+
+Sequential knowledge editing of language models: SPHERE and the methods it improves
+(AlphaEdit, MEMIT, ROME, FT, RECT, PRUNE), batch after batch of edits.
+
+commands:
+  fit        apply a stream of edit batches to a model, with a checkpoint after every batch, HE and
+             editing metrics logged; --ckpt_path resumes an interrupted run
+  validate   score the edited facts of a checkpoint (--ckpt_path) or an exported patch (--patch)
+  test       score the never-edited facts and the general-ability tasks of a checkpoint or patch
+  export     write the edits of a checkpoint as a patch file (safetensors)
+  apply      write a patch into a clean copy of the model, saved as a standard Hugging Face model
+  rollback   undo the last N edit batches of a checkpoint, exactly
+
+`python -m sphere_pl COMMAND --help` lists a command's options, `fit --print_config` every setting.
+example: python -m sphere_pl fit --config configs/quickstart.yaml
+"""
+
+
 def main(args: list[str] | None = None):
     """Run the CLI. Errors that sphere_pl raises itself (bad records, sources, patches, failed
     edits) end with their one-line message and a hint instead of a traceback, exit status 1;
     `SPHERE_PL_TRACEBACK=1` shows the traceback too."""
     argv = list(sys.argv[1:] if args is None else args)
+    if argv in ([], ["-h"], ["--help"]):
+        print(HELP, end="")
+        return None
     _show_progress_messages()
     if argv and argv[0] in PATCH_COMMANDS:
         from .commands import run_command
@@ -193,6 +226,7 @@ def main(args: list[str] | None = None):
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "python -m sphere_pl"},
             args=argv,
         )
     except SIGTERMException:  # Lightning ends a run stopped by SIGTERM with SystemExit(None), i.e. status 0

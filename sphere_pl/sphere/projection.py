@@ -42,7 +42,8 @@ class SphereProjection(DeltaFilter):
         return self.cumulative_ratio > 0 and self.strength > 0
 
     def prepare(self, model: nn.Module, module_names: list[str]) -> None:
-        """Cache pretrained principal directions (buffers, so they are checkpointed)."""
+        """Cache the pretrained principal directions: buffers, so they follow the module to its device;
+        recomputed from the pretrained weights at every set-up, so not checkpointed."""
         if not self.enabled or self.basis != "pretrained":
             return
         for i, name in enumerate(module_names):

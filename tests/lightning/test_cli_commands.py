@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -369,3 +371,32 @@ def test_every_method_is_configurable_by_class_path(tmp_path, class_path, init_a
     assert method["class_path"] == class_path
     assert shown in yaml.safe_dump(method["init_args"])
     assert "layers" in method["init_args"] or "layer" in method["init_args"]
+
+
+def test_a_fit_shows_what_it_edits_and_counts_edits_not_epochs(tiny_model_dir, stats_cache, tmp_path, forked_cli):
+    """What a user sees: an editing summary instead of Lightning's model table (no trainable
+    parameters here), and a progress bar over edits with seconds per edit, without `Epoch 0` or `v_num`."""
+    config = run_config(tiny_model_dir, stats_cache, tmp_path / "run")
+    for key in ("enable_progress_bar", "enable_model_summary"):
+        config["trainer"].pop(key)  # the CLI's defaults
+    result = forked_cli(["fit", "--config", write_config(tmp_path / "fit.yaml", config)], tmp_path, cli_env(tmp_path))
+    console = result.stdout + result.stderr
+    header = console[console.index("sphere_pl fit: ") :].splitlines()[:6]
+    assert header[0] == f"sphere_pl fit: {tiny_model_dir} in float32 on cpu"
+    assert header[1].startswith("  method   alphaedit on layers [1, 2]; value search 5 steps, lr 0.5")
+    assert header[2] == "  filters  sphere(cumulative_ratio 0.5, strength 0.5, basis current)"
+    assert header[3] == f"  edits    {NUM_EDITS * NUM_BATCHES} in batches of {NUM_EDITS} ({NUM_BATCHES} batches), 4 held out"
+    assert header[4].startswith(f"  C0       {CORPUS}, 20 x 64 tokens")
+    assert header[5].startswith("  memory   value search: requests_per_pass auto, recompute_activations auto, within ")
+    assert "editing: 100%" in console and f"{NUM_EDITS * NUM_BATCHES}/{NUM_EDITS * NUM_BATCHES}" in console and "s/edit" in console
+    for lightning_only in ("Trainable params", "Total FLOPs", "Epoch 0", "v_num"):
+        assert lightning_only not in console
+
+
+def test_top_level_help_names_the_program_and_every_command():
+    """`python -m sphere_pl --help` in a fresh interpreter, as a user first meets it."""
+    result = subprocess.run([sys.executable, "-m", "sphere_pl", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m sphere_pl COMMAND")
+    commands = [line.split()[0] for line in result.stdout.split("commands:")[1].split("\n\n")[0].splitlines() if line.startswith("  ") and not line.startswith("    ")]
+    assert commands == ["fit", "validate", "test", "export", "apply", "rollback"]
+    assert "Lightning Trainer" not in result.stdout and "predict" not in result.stdout
