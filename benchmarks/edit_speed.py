@@ -29,7 +29,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from sphere_pl import EditDataModule, create_method, HypersphericalEnergyMonitor, SequentialEditor, SphereProjection
+from sphere_pl import EditDataModule, FactMonitor, HypersphericalEnergyMonitor, SequentialEditor, SphereProjection, create_method
 from sphere_pl.lightning import EditingStrategy
 from sphere_pl.editing import values as values_module
 from sphere_pl.editing.stats import KeyStatistics
@@ -238,7 +238,7 @@ def main() -> None:
     baseline = rss_gb()  # interpreter, torch, transformers, lightning imported
     allocated = AllocatedPeak().start() if args.malloc_peak else None
     start = time.perf_counter()
-    settings = dict(dtype=args.dtype, method=method, filters=[SphereProjection(0.5, method.sphere_strength)], eval_every=1)
+    settings = dict(dtype=args.dtype, method=method, filters=[SphereProjection(0.5, method.sphere_strength)])
     if args.random_init:
         from random_model import build_random_model
 
@@ -255,7 +255,7 @@ def main() -> None:
     trainer = L.Trainer(
         max_epochs=1,
         logger=L.pytorch.loggers.CSVLogger(os.path.join(scratch.name, "logs")),
-        callbacks=[HypersphericalEnergyMonitor(), marks, progress, plans],
+        callbacks=[FactMonitor(every_n_batches=1), HypersphericalEnergyMonitor(), marks, progress, plans],
         strategy=EditingStrategy(),  # as the CLI: no copy of the model back to the CPU when fit ends
         enable_checkpointing=False,
         enable_progress_bar=False,

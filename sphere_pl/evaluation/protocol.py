@@ -8,8 +8,8 @@ prefix                     population                                      momen
 =========================  =============================================  ==========================
 ``pre_edit/to_edit/``      the facts that will be edited (same sample)     before the first edit
 ``last_batch/``            the batch just edited                           right after its edit
-``edited_so_far/``         every fact edited so far (or a fixed sample)    every ``eval_every`` batches
-``never_edited/``          held-out facts, never edited                    every ``eval_every`` batches
+``edited_so_far/``         every fact edited so far (or a fixed sample)    at ``facts.every_n_batches`` / ``facts.at_edits``
+``never_edited/``          held-out facts, never edited                    at the same points
 ``final/edited/``          every edited fact                               after all edits (``fit`` end, ``validate``)
 ``final/never_edited/``    held-out facts                                  after all edits (``test``)
 ``pre_edit/general/``      general-ability tasks and perplexity            before the first edit

@@ -1,7 +1,7 @@
 """Callbacks: hyperspherical energy of the edited layers, checkpoints after edit batches,
 and the end-of-run summary. They read the editor through its public interface
 (`pl_module.editor`: `edited_weights()`, `batches_done`, `edits_applied`, `timer`) and
-report through `pl_module.log_progress`.
+record through the module's `RunRecorder` (`pl_module.recorder`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from ..evaluation import protocol
 from ..sphere.hyperspherical import hyperspherical_energy
 from .checkpoint_io import SafetensorsCheckpointIO
+from .facts import FactMonitor
 
 
 class HypersphericalEnergyMonitor(L.Callback):
@@ -68,7 +69,7 @@ class HypersphericalEnergyMonitor(L.Callback):
             values[f"he/{layer}"] = he
             values[f"he_delta/{layer}"] = he - he0
             values[f"he_relative/{layer}"] = (he - he0) / abs(he0)
-        pl_module.log_progress(values)
+        pl_module.recorder.record(values)
 
     def state_dict(self) -> dict:
         return {"initial": self.initial}
@@ -228,13 +229,12 @@ class RunSummary(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         directory = Path(self.dirpath or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        rows = [dict(row) for row in pl_module.progress_history]
         final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(protocol.FINAL_EDITED)}
-        if not final and not pl_module.final_evaluated and trainer.limit_val_batches != 0 and pl_module.editor.batches_done:
-            final = pl_module.evaluate_final()  # resumed after the last batch: Lightning skipped the validation
-            for logger in trainer.loggers:
-                logger.log_metrics(final, step=pl_module.editor.batches_done - 1)
+        facts = next((c for c in trainer.callbacks if isinstance(c, FactMonitor)), None)
+        if not final and not pl_module.recorder.final and facts is not None and trainer.limit_val_batches != 0 and pl_module.editor.batches_done:
+            final = facts.evaluate_final(trainer, pl_module)  # resumed after the last batch: Lightning skipped the validation
             final.pop("edits", None)
+        rows = [dict(row) for row in pl_module.recorder.history]
         last = rows[-1] if rows else {}
         he = {
             key.split("/", 1)[1]: {"he": last.get(f"he/{key.split('/', 1)[1]}"), "he_delta": last[key], "he_relative": last.get(f"he_relative/{key.split('/', 1)[1]}")}

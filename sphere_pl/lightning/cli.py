@@ -36,6 +36,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .callbacks import CheckpointWriteError, EditCheckpoint, EditProgressBar, HypersphericalEnergyMonitor, RunDirectoryInUseError, RunSummary
 from .datamodule import EditDataModule
+from .facts import FactMonitor
 from .general import GeneralAbilityMonitor
 from .he_analysis import HEAnalysis
 from .loggers import AutoWandbLogger
@@ -57,16 +58,19 @@ SIGTERM_EXIT = 128 + 15  # the shell's status for a process ended by SIGTERM
 
 
 class SphereCLI(LightningCLI):
-    """The HE monitor, the edit checkpoints, the run summary, the general-ability monitor (no
-    tasks unless configured) and the HE analysis are always on (`he:`, `checkpoint:`,
-    `summary:`, `general:`, `he_analysis:`). Checkpoints are read with `weights_only=True` (no pickle code
+    """The run summary, the fact monitor, the general-ability monitor (no tasks unless
+    configured), the HE monitor, the edit checkpoints and the HE analysis are always on
+    (`summary:`, `facts:`, `general:`, `he:`, `checkpoint:`, `he_analysis:`). Checkpoints are read with `weights_only=True` (no pickle code
     runs) and must be local files; the config, not the checkpoint, decides the model."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        # in this order: the summary's header comes first; the measurements of a batch are recorded
+        # before its checkpoint is written, so that a resumed run's history holds them
+        parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(FactMonitor, "facts")
+        parser.add_lightning_class_args(GeneralAbilityMonitor, "general")
         parser.add_lightning_class_args(HypersphericalEnergyMonitor, "he")
         parser.add_lightning_class_args(EditCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(RunSummary, "summary")
-        parser.add_lightning_class_args(GeneralAbilityMonitor, "general")
         parser.add_lightning_class_args(HEAnalysis, "he_analysis")
         parser.add_argument(
             "--patch", type=str | None, default=None,

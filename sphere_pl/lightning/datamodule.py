@@ -129,6 +129,10 @@ class EditDataModule(L.LightningDataModule):
     def edit_batches(self) -> list[EditBatch]:
         return [EditBatch(i, reqs) for i, reqs in enumerate(_chunks(self.edit_requests, self.num_edits))]
 
+    def edited_requests(self, batches_done: int) -> list[EditRequest]:
+        """The facts of the first `batches_done` edit batches, in the order they were edited."""
+        return self.edit_requests[: batches_done * self.num_edits]
+
     def train_dataloader(self) -> EditBatchLoader:
         if self._train_loader is None:
             self._train_loader = EditBatchLoader(self.edit_batches)

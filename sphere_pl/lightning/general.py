@@ -19,8 +19,8 @@ class GeneralAbilityMonitor(L.Callback):
         in validate / test).
     before_editing: measure once before the first edit (`pre_edit/general/...`).
 
-    Logged as `<moment>general/<task>/<metric>` with `edits`; per-case rows go to the
-    module's `cases_dir` as `general-<task>.jsonl`.
+    Recorded as `<moment>general/<task>/<metric>` with `edits` through the module's recorder;
+    per-case rows go to its `cases_dir` as `general-<task>.jsonl`.
     """
 
     def __init__(self, tasks: list[Evaluator] | None = None, every_n_batches: int = 5, before_editing: bool = True):
@@ -41,19 +41,18 @@ class GeneralAbilityMonitor(L.Callback):
             if task.name not in self.items:
                 self.items[task.name] = task.load(pl_module.editor.tokenizer)
 
-    def measure(self, pl_module, prefix: str, moment: str) -> dict[str, float]:
+    def measure(self, trainer, pl_module, prefix: str, moment: str) -> dict[str, float]:
         """Every task on this process's share of its items (all of them without DDP); the
         metrics' states are summed across processes when computed."""
         values = {}
         editor = pl_module.editor
-        trainer = pl_module._trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         with editor.timer("general"), editor.evaluation_weights():
             for task in self.tasks:
                 items = self.items[task.name][rank::world]
                 metrics, rows = task.evaluate_cases(editor.model, editor.tokenizer, items)
                 values.update({f"{prefix}{task.name}/{k}": float(v) for k, v in metrics.items() if not torch.isnan(v)})
-                pl_module._write_cases(protocol.GENERAL, task.name, rows, moment, sharded=True)
+                pl_module.recorder.write_cases(protocol.GENERAL, task.name, rows, moment, sharded=True)
         return values
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -61,11 +60,11 @@ class GeneralAbilityMonitor(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if self.tasks and self.before_editing and pl_module.editor.batches_done == 0:
-            pl_module.log_pre_edit(self.measure(pl_module, protocol.PRE_EDIT_GENERAL, "pre_edit"))
+            pl_module.recorder.record(self.measure(trainer, pl_module, protocol.PRE_EDIT_GENERAL, "pre_edit"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.tasks and self.every_n_batches and pl_module.editor.batches_done % self.every_n_batches == 0:
-            pl_module.log_progress(self.measure(pl_module, protocol.GENERAL, "after_batch"))
+            pl_module.recorder.record(self.measure(trainer, pl_module, protocol.GENERAL, "after_batch"))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._final(trainer, pl_module, "validate")
@@ -78,8 +77,4 @@ class GeneralAbilityMonitor(L.Callback):
         measurement covers): general ability of the model as evaluated."""
         if not self.tasks or trainer.state.fn != stage:
             return
-        values = self.measure(pl_module, protocol.FINAL_GENERAL, "final")
-        values["edits"] = float(pl_module.editor.edits_applied)
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=max(pl_module.editor.batches_done - 1, 0))
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        pl_module.recorder.record_outside_a_loop(self.measure(trainer, pl_module, protocol.FINAL_GENERAL, "final"))

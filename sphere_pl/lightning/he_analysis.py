@@ -45,7 +45,7 @@ class HEAnalysis(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
-        rows = [dict(row) for row in pl_module.progress_history]
+        rows = [dict(row) for row in pl_module.recorder.history]
         correlations = he_metric_correlations(rows, "he/", self.metric_prefixes)
         directory = Path(self.dirpath or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """How HE moves with the editing metrics over a run (the paper's Figures 2 and 3), as plain
-functions over the evaluation rows a run records (`SequentialEditor.progress_history`).
+functions over the evaluation rows a run records (`RunRecorder.history`).
 
 * level correlation: Spearman's ρ between a layer's HE series and a metric's series over the
   evaluation points (does lower/higher HE go with worse scores?);

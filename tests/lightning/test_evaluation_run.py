@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from sphere_pl import GeneralAbilityMonitor, HEAnalysis, HypersphericalEnergyMonitor, SequentialEditor
+from sphere_pl import FactMonitor, GeneralAbilityMonitor, HEAnalysis, HypersphericalEnergyMonitor, SequentialEditor
 from sphere_pl.evaluation.general import NLITask, PerplexityTask, ReasoningTask
 from sphere_pl.evaluation.generative_efficacy import GenerativeEfficacyEvaluator
 from sphere_pl.lightning import EditDataModule
@@ -59,15 +59,14 @@ def run(tiny_model_dir, stats_cache, tmp_path_factory):
     editor = SequentialEditor(
         model_name_or_path=tiny_model_dir,
         method=AlphaEdit(**tiny_method_kwargs(stats_cache)["alphaedit"]),
-        eval_every=1,
         cases_dir=str(root / "cases"),
-        evaluators=[GenerativeEfficacyEvaluator()],
     )
+    facts = FactMonitor(every_n_batches=1, evaluators=[GenerativeEfficacyEvaluator()])
     general = GeneralAbilityMonitor(tasks(), every_n_batches=2)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, default_root_dir=root, logger=csv_logger(root),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[HypersphericalEnergyMonitor(), general, HEAnalysis(max_neurons=16)],
+        callbacks=[facts, general, HypersphericalEnergyMonitor(), HEAnalysis(max_neurons=16)],
     )  # fmt: skip
     data = quickstart_data(root, dataset_size_limit=4 * NUM_EDITS)
     trainer.fit(editor, data)
@@ -113,7 +112,7 @@ def test_extra_fact_evaluators_and_per_case_files(run):
 def test_he_analysis_spearman_matches_an_independent_rank_computation(run):
     root, rows = run["root"], run["rows"]
     analysis = json.loads((root / "he_analysis.json").read_text())["spearman"]
-    history = run["editor"].progress_history
+    history = run["editor"].recorder.history
     metric = "edited_so_far/efficacy_magnitude"
     for layer in ("layer1", "layer2"):
         points = sorted((r["edits"], r[f"he/{layer}"], r[metric]) for r in history if f"he/{layer}" in r and metric in r)
@@ -136,7 +135,7 @@ def test_he_analysis_spearman_matches_an_independent_rank_computation(run):
 def test_validate_measures_general_ability_of_the_edited_model(run, tiny_model_dir, tmp_path):
     editor, data = run["editor"], run["data"]
     general = GeneralAbilityMonitor(tasks()[:1], every_n_batches=2)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[general], enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[FactMonitor(), general], enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.validate(editor, data)
     metrics = trainer.callback_metrics
     assert "final/general/nli/acc" in metrics and "final/edited/efficacy_score" in metrics

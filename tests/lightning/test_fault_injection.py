@@ -70,7 +70,7 @@ def final_state(directory) -> dict:
 def write_run_config(tiny_model_dir, stats_cache, root) -> str:
     config = run_config(tiny_model_dir, stats_cache, root)
     config["data"].update(num_edits=NUM_EDITS, dataset_size_limit=NUM_EDITS * NUM_BATCHES)
-    config["model"]["eval_every"] = 0
+    config["facts"] = {"every_n_batches": 0}
     config["checkpoint"]["keep_last"] = 2
     path = root / "fit.yaml"
     root.mkdir(parents=True, exist_ok=True)

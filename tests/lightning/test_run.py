@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from conftest import CONTEXT_TEMPLATES, CORPUS
 from helpers import CrashBeforeBatch, SimulatedCrash, cli_env, run_cli
-from sphere_pl import EditCheckpoint, EditDataModule, HypersphericalEnergyMonitor, SequentialEditor
+from sphere_pl import EditCheckpoint, EditDataModule, FactMonitor, HypersphericalEnergyMonitor, SequentialEditor
 from sphere_pl.data.readers import EditSourceError
 from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
 from sphere_pl.lightning.loggers import find_offline_runs, read_offline_history
@@ -128,9 +128,9 @@ def write_json(path: Path, records) -> str:
 
 
 def make_trainer(
-    root: Path, *callbacks: L.Callback, logger=False, he_every: int = 1, keep_last: int | None = None
+    root: Path, *callbacks: L.Callback, logger=False, he_every: int = 1, keep_last: int | None = None, facts: FactMonitor | None = None
 ) -> L.Trainer:
-    """A trainer configured like the CLI's defaults, with the HE monitor and edit checkpoints in root/checkpoints."""
+    """A trainer configured like the CLI's defaults: the fact monitor, the HE monitor and edit checkpoints in root/checkpoints."""
     return L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -138,6 +138,7 @@ def make_trainer(
         default_root_dir=root,
         logger=logger,
         callbacks=[
+            facts if facts is not None else FactMonitor(),
             HypersphericalEnergyMonitor(every_n_batches=he_every),
             EditCheckpoint(dirpath=str(root / "checkpoints"), keep_last=keep_last),
             *callbacks,
@@ -221,8 +222,9 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, tiny_method, tmp_p
     assert recorder.batch_indices == list(range(crash_before, NUM_BATCHES))
     assert resumed.editor.batches_done == NUM_BATCHES
     assert resumed.editor.edits_applied == NUM_FACTS
-    assert resumed.edited_requests == reference.edited_requests  # the facts evaluated as "edited"
-    assert len(reference.edited_requests) == NUM_FACTS
+    # the facts evaluated as "edited": derived from the batches the editor applied
+    edited = resumed_trainer.datamodule.edited_requests(resumed.editor.batches_done)
+    assert edited == reference_trainer.datamodule.edited_requests(reference.editor.batches_done) and len(edited) == NUM_FACTS
 
     final = edited_weights(reference)
     assert max_abs_diff(edited_weights(resumed), final) <= 1e-6
@@ -526,8 +528,8 @@ def test_he_baseline_survives_resume(tiny_model_dir, tiny_method, tmp_path):
 class EvaluationProbe(L.Callback):
     """After each batch: the module's evaluation sample (asked twice), and an independent evaluation of it."""
 
-    def __init__(self, data: EditDataModule):
-        self.data = data
+    def __init__(self, data: EditDataModule, facts: FactMonitor):
+        self.data, self.facts = data, facts
         self.samples: dict[int, list] = {}
         self.expected: dict[int, dict[str, float]] = {}
         self.expected_all_edited: dict[int, dict[str, float]] = {}
@@ -536,8 +538,8 @@ class EvaluationProbe(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         done = pl_module.editor.batches_done
-        sample = pl_module._sample(pl_module.edited_requests)
-        assert pl_module._sample(pl_module.edited_requests) == sample  # the same on every call
+        sample = self.facts.sample(self.data.edited_requests(done))
+        assert self.facts.sample(self.data.edited_requests(done)) == sample  # the same on every call
         self.samples[done] = sample
         edited_so_far = self.data.edit_requests[: done * NUM_EDITS]  # from the data, not from the module
 
@@ -551,19 +553,18 @@ class EvaluationProbe(L.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         # before any edit: the sample that the facts edited so far will end up with
-        everything = pl_module._sample(self.data.edit_requests)
+        everything = self.facts.sample(self.data.edit_requests)
         values = CounterFactEvaluator("pre_edit/to_edit/").evaluate(pl_module.model, pl_module.editor.tokenizer, everything)
         self.expected_pre_edit = {k: float(v) for k, v in values.items()}
 
 
 def test_metrics_logged_every_eval_every_batches_on_a_fixed_sample(tiny_model_dir, tiny_method, tmp_path):
     sample_size = 3
-    editor = SequentialEditor(
-        model_name_or_path=tiny_model_dir, method=tiny_method(), eval_every=2, eval_sample_size=sample_size
-    )
+    editor = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
+    facts = FactMonitor(every_n_batches=2, sample_size=sample_size)
     data = quickstart_data(tmp_path, eval_requests_per_batch=5)  # validation in uneven chunks of 5, 5, 2
-    probe = EvaluationProbe(data)
-    trainer = make_trainer(tmp_path, probe, logger=csv_logger(tmp_path), he_every=2)
+    probe = EvaluationProbe(data, facts)
+    trainer = make_trainer(tmp_path, probe, logger=csv_logger(tmp_path), he_every=2, facts=facts)
     trainer.fit(editor, data)
     rows = logged_rows(trainer)
 
@@ -614,15 +615,12 @@ def test_metrics_logged_every_eval_every_batches_on_a_fixed_sample(tiny_model_di
 def test_edited_sample_depends_only_on_the_edited_facts(tiny_model_dir, tiny_method, tmp_path):
     data = quickstart_data(tmp_path)
     data.setup("fit")
-    editor = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method(), eval_sample_size=5)
-    editor.edited_requests = list(data.edit_requests[:4])
-    assert editor._sample(editor.edited_requests) == data.edit_requests[:4]
-    editor.edited_requests = list(data.edit_requests)
-    sample = editor._sample(editor.edited_requests)
+    facts = FactMonitor(sample_size=5)
+    assert facts.sample(data.edit_requests[:4]) == data.edit_requests[:4]
+    sample = facts.sample(list(data.edit_requests))
     assert len(sample) == 5 and all(r in data.edit_requests for r in sample)
-    other = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method(), eval_sample_size=5)
-    other.edited_requests = list(reversed(data.edit_requests))  # same facts, other order: same sample
-    assert sorted(r.case_id for r in other._sample(other.edited_requests)) == sorted(r.case_id for r in sample)
+    other = FactMonitor(sample_size=5)  # same facts, other order: same sample
+    assert sorted(r.case_id for r in other.sample(list(reversed(data.edit_requests)))) == sorted(r.case_id for r in sample)
 
 
 # -------------------------------------------------------------------- 7. CLI + W&B

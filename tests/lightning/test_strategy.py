@@ -30,7 +30,7 @@ class CountingEditor(SequentialEditor):
 
 
 def fit(tiny_model_dir, tiny_method, tmp_path, strategy) -> CountingEditor:
-    editor = CountingEditor(model_name_or_path=tiny_model_dir, method=tiny_method(), eval_every=0, eval_last_batch=False, eval_before_editing=False)
+    editor = CountingEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
     data = EditDataModule(source="quickstart", dataset_size_limit=4, num_edits=2, num_holdout=0, cache_dir=str(tmp_path / "data"))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, strategy=strategy, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)

@@ -1,0 +1,174 @@
+"""`FactMonitor`: the edit facts scored during and after a run, population by population.
+
+Which facts and when (`sphere_pl.evaluation.protocol` names the prefixes):
+
+* `pre_edit/to_edit/`: the facts that will be edited (the same sample as below), before the first edit;
+* `last_batch/`: the batch just edited, right after its edit;
+* `edited_so_far/`: the facts edited so far, or a fixed sample of `sample_size`, and
+  `never_edited/`: the datamodule's held-out facts, at the evaluation points (`every_n_batches`
+  batches, or the first batch that reaches each of `at_edits`);
+* `final/edited/` (end of `fit`, `validate`) and `final/never_edited/` (`test`): every edited or
+  held-out fact, in Lightning's validation and test loops.
+
+The edited facts come from the datamodule (`edited_requests`, derived from the editor's batch
+position), and every value goes through the module's `RunRecorder`.
+"""
+
+from __future__ import annotations
+
+import random
+
+import lightning as L
+import torch
+
+from ..data.records import EditRequest
+from ..evaluation import protocol
+from ..evaluation.base import Evaluator
+from ..evaluation.facts import FactEvaluator
+
+
+class FactMonitor(L.Callback):
+    """Args:
+    every_n_batches: score the facts edited so far and the held-out facts every this many edit
+        batches (0: never during fit).
+    at_edits: instead, score them at these edit counts: after the first batch that brings the
+        edits applied to each (e.g. [100, 250, 500, 1000]).
+    sample_size: score at most this many of the facts edited so far, a fixed random sample
+        (None: all of them). The sample only grows as edits are added.
+    seed: seed of that sample.
+    last_batch: also score the batch just edited, right after its edit (`last_batch/`).
+    before_editing: score the facts to be edited before the first edit (`pre_edit/to_edit/`).
+    evaluators: more evaluators of edit facts (e.g. `GenerativeEfficacyEvaluator`,
+        `GenerationQualityEvaluator`), run wherever facts are scored except `last_batch/`.
+    """
+
+    def __init__(
+        self,
+        every_n_batches: int = 1,
+        at_edits: list[int] | None = None,
+        sample_size: int | None = None,
+        seed: int = 0,
+        last_batch: bool = True,
+        before_editing: bool = True,
+        evaluators: list[Evaluator] | None = None,
+    ):
+        if every_n_batches < 0:
+            raise ValueError(f"facts.every_n_batches must be >= 0, got {every_n_batches}")
+        if at_edits is not None and (not at_edits or any(not isinstance(n, int) or n < 1 for n in at_edits)):
+            raise ValueError(f"facts.at_edits must list positive edit counts, got {at_edits}")
+        if sample_size is not None and sample_size < 1:
+            raise ValueError(f"facts.sample_size must be >= 1 (or null: every fact), got {sample_size}")
+        self.every_n_batches = every_n_batches
+        self.at_edits = sorted(set(at_edits)) if at_edits is not None else None
+        self.sample_size = sample_size
+        self.seed = seed
+        self.last_batch = last_batch
+        self.before_editing = before_editing
+        self.evaluators = list(evaluators or [])
+        self.final_evaluators: list[Evaluator] = []
+        self.final_rows: dict[str, list[dict]] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.final_evaluators = [FactEvaluator("", pl_module.editor.scoring_batch_size), *self.evaluators]
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        to_edit = _datamodule_requests(trainer)
+        if self.before_editing and pl_module.editor.batches_done == 0 and to_edit:
+            with pl_module.editor.timer("evaluation"):
+                values = self.score(pl_module, self.sample(to_edit), protocol.PRE_EDIT, "pre_edit", extras=True)
+            pl_module.recorder.record(values)
+
+    # ----------------------------------------------------------- during fit
+    def is_evaluation_point(self, edits_before: int, edits_after: int, batches_done: int) -> bool:
+        """Whether the facts are scored after the batch that took the edits from `edits_before` to `edits_after`."""
+        if self.at_edits is not None:
+            return any(edits_before < n <= edits_after for n in self.at_edits)
+        return bool(self.every_n_batches) and batches_done % self.every_n_batches == 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        editor = pl_module.editor
+        values = {}
+        with editor.timer("evaluation"):
+            if self.last_batch:
+                values.update(self.score(pl_module, batch.requests, protocol.LAST_BATCH, "after_batch"))
+            if self.is_evaluation_point(editor.edits_applied - len(batch.requests), editor.edits_applied, editor.batches_done):
+                values.update(self.evaluate_progress(trainer, pl_module))
+        pl_module.recorder.record(values)
+
+    def evaluate_progress(self, trainer, pl_module) -> dict[str, float]:
+        """Metrics on (a fixed sample of) the facts edited so far and on the never-edited facts."""
+        edited = trainer.datamodule.edited_requests(pl_module.editor.batches_done)
+        values = self.score(pl_module, self.sample(edited), protocol.EDITED_SO_FAR, "after_batch", extras=True)
+        holdout = getattr(trainer.datamodule, "holdout_requests", [])
+        if holdout:
+            values.update(self.score(pl_module, holdout, protocol.NEVER_EDITED, "after_batch"))
+        return values
+
+    def score(self, pl_module, requests: list[EditRequest], prefix: str, moment: str, extras: bool = False) -> dict[str, float]:
+        """Metrics of `requests` under `prefix` (with `extras`: also the extra evaluators'); per-case
+        rows go to the recorder."""
+        editor, recorder = pl_module.editor, pl_module.recorder
+        values, rows = editor.evaluate_cases(requests, prefix=prefix)
+        recorder.write_cases(prefix, "", rows, moment)
+        for evaluator in self.evaluators if extras else []:
+            with editor.evaluation_weights():
+                extra, rows = evaluator.evaluate_cases(editor.model, editor.tokenizer, requests)
+            values.update({prefix + k: float(v) for k, v in extra.items() if not torch.isnan(v)})
+            recorder.write_cases(prefix, evaluator.name, rows, moment)
+        return values
+
+    def sample(self, requests: list[EditRequest]) -> list[EditRequest]:
+        """A fixed random sample: each fact gets a seeded priority and the k lowest are kept, so
+        the sample of the facts edited so far only grows, and the pre-edit sample is its final state."""
+        if self.sample_size is None or len(requests) <= self.sample_size:
+            return requests
+
+        def priority(request: EditRequest) -> float:
+            return random.Random(f"{self.seed}:{request.case_id}").random()
+
+        return sorted(requests, key=priority)[: self.sample_size]
+
+    # ----------------------------------------------------- after the edits
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._score_final_batch(pl_module, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._score_final_batch(pl_module, batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.recorder.record_final(pl_module, self._final_values(pl_module, protocol.FINAL_EDITED))
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.recorder.record_final(pl_module, self._final_values(pl_module, protocol.FINAL_NEVER_EDITED))
+
+    def evaluate_final(self, trainer, pl_module) -> dict[str, float]:
+        """The end-of-fit scoring of every edited fact, run directly: a run resumed from the checkpoint
+        of its last batch has no edits left, and Lightning then skips the loop and its validation."""
+        for batch in trainer.datamodule.val_dataloader():
+            self._score_final_batch(pl_module, batch)
+        values = self._final_values(pl_module, protocol.FINAL_EDITED)
+        pl_module.recorder.record_outside_a_loop(values)
+        return values
+
+    def _score_final_batch(self, pl_module, batch: list[EditRequest]) -> None:
+        editor = pl_module.editor
+        with editor.evaluation_weights():
+            for evaluator in self.final_evaluators:
+                rows = evaluator.update(editor.model, editor.tokenizer, batch)
+                self.final_rows.setdefault(evaluator.name, []).extend(rows)
+
+    def _final_values(self, pl_module, prefix: str) -> dict[str, float]:
+        values = {"edits": float(pl_module.editor.edits_applied)}
+        for evaluator in self.final_evaluators:
+            values.update({prefix + k: float(v) for k, v in evaluator.compute().items() if not v.isnan()})
+            evaluator.reset()
+            name = "" if isinstance(evaluator, FactEvaluator) else evaluator.name
+            pl_module.recorder.write_cases(prefix, name, self.final_rows.get(evaluator.name, []), "final", sharded=True)
+        self.final_rows = {}
+        return values
+
+
+def _datamodule_requests(trainer) -> list[EditRequest]:
+    datamodule = getattr(trainer, "datamodule", None)
+    return list(datamodule.edit_requests) if datamodule is not None and hasattr(datamodule, "edit_requests") else []
