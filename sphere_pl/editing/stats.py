@@ -94,6 +94,9 @@ def load_corpus(cfg: KeyStatistics):
     files = _local_files(cfg.corpus)
     if files is not None:
         return datasets.load_dataset("text", data_files=files, split="train"), "text"
+    if cfg.corpus.endswith((".txt", ".json", ".jsonl")) or cfg.corpus.startswith((".", "/", "~")):
+        # a path, not a hub dataset name: say so, instead of the hub lookup's traceback
+        raise FileNotFoundError(f"stats.corpus {cfg.corpus!r} does not exist (relative paths are read from {os.getcwd()})")
     return datasets.load_dataset(cfg.corpus, cfg.corpus_config, split=cfg.split), cfg.text_field
 
 

@@ -36,6 +36,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .callbacks import CheckpointWriteError, EditCheckpoint, EditProgressBar, HypersphericalEnergyMonitor, RunDirectoryInUseError, RunSummary
 from .datamodule import EditDataModule
+from .collapse import CollapseStop
 from .facts import FactMonitor
 from .general import GeneralAbilityMonitor
 from .he_analysis import HEAnalysis
@@ -54,24 +55,31 @@ TRAINER_DEFAULTS = {
     "logger": lazy_instance(AutoWandbLogger, save_dir="runs"),
 }
 PATCH_COMMANDS = ("export", "apply", "rollback")
+# The callbacks every run has, each configured under its section, in this order: the summary's header
+# comes first; a batch's measurements are recorded before its checkpoint is written, so that a
+# resumed run's history holds them; the collapse stop reads them.
+SECTIONS = {
+    "summary": RunSummary,
+    "facts": FactMonitor,
+    "general": GeneralAbilityMonitor,
+    "he": HypersphericalEnergyMonitor,
+    "collapse": CollapseStop,
+    "checkpoint": EditCheckpoint,
+    "he_analysis": HEAnalysis,
+}
 SIGTERM_EXIT = 128 + 15  # the shell's status for a process ended by SIGTERM
 
 
 class SphereCLI(LightningCLI):
     """The run summary, the fact monitor, the general-ability monitor (no tasks unless
-    configured), the HE monitor, the edit checkpoints and the HE analysis are always on
-    (`summary:`, `facts:`, `general:`, `he:`, `checkpoint:`, `he_analysis:`). Checkpoints are read with `weights_only=True` (no pickle code
+    configured), the HE monitor, the collapse stop (no rule unless configured), the edit
+    checkpoints and the HE analysis are always on (`summary:`, `facts:`, `general:`, `he:`,
+    `collapse:`, `checkpoint:`, `he_analysis:`). Checkpoints are read with `weights_only=True` (no pickle code
     runs) and must be local files; the config, not the checkpoint, decides the model."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        # in this order: the summary's header comes first; the measurements of a batch are recorded
-        # before its checkpoint is written, so that a resumed run's history holds them
-        parser.add_lightning_class_args(RunSummary, "summary")
-        parser.add_lightning_class_args(FactMonitor, "facts")
-        parser.add_lightning_class_args(GeneralAbilityMonitor, "general")
-        parser.add_lightning_class_args(HypersphericalEnergyMonitor, "he")
-        parser.add_lightning_class_args(EditCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(HEAnalysis, "he_analysis")
+        for section, callback in SECTIONS.items():
+            parser.add_lightning_class_args(callback, section)
         parser.add_argument(
             "--patch", type=str | None, default=None,
             help="validate/test: evaluate this edit patch (sphere-pl export) applied to the model, instead of a checkpoint",
@@ -203,6 +211,8 @@ commands:
   export     write the edits of a checkpoint as a patch file (safetensors)
   apply      write a patch into a clean copy of the model, saved as a standard Hugging Face model
   rollback   undo the last N edit batches of a checkpoint, exactly
+  study      run one edit stream with several variants (method x filters x settings), each a real
+             fit in its own folder, resumable; a report table and plots of them side by side
 
 `python -m sphere_pl COMMAND --help` lists a command's options, `fit --print_config` every setting.
 example: python -m sphere_pl fit --config configs/quickstart.yaml
@@ -218,6 +228,10 @@ def main(args: list[str] | None = None):
         print(HELP, end="")
         return None
     _show_progress_messages()
+    if argv and argv[0] == "study":
+        from .study import run_command as run_study
+
+        return sys.exit(run_study(argv[1:]))
     if argv and argv[0] in PATCH_COMMANDS:
         from .commands import run_command
 

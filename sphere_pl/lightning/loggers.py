@@ -92,7 +92,7 @@ class AutoWandbLogger(WandbLogger):
     ``None`` (default) decides automatically (see :func:`decide_wandb_mode`),
     ``True``/``False`` force offline/online.  An explicit ``mode=`` kwarg wins over
     everything.  The decision is in ``self.mode`` (``"online"``, ``"offline"`` or
-    ``"disabled"``).
+    ``"disabled"``). ``group`` puts the run in a W&B group (`sphere-pl study` groups its variants).
 
     Once the run exists, every metric is plotted against ``edits``
     (``define_metric("*", step_metric="edits", step_sync=True)``); rows logged
@@ -106,8 +106,11 @@ class AutoWandbLogger(WandbLogger):
         project: Optional[str] = "sphere_pl",
         save_dir: Union[str, os.PathLike] = "runs",
         offline: Optional[bool] = None,
+        group: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
+        if group is not None:  # W&B's run group: the runs of one study, side by side
+            kwargs["group"] = group
         mode = kwargs.pop("mode", None)
         if mode is None:
             if offline is None:

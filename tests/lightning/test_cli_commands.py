@@ -398,5 +398,5 @@ def test_top_level_help_names_the_program_and_every_command():
     result = subprocess.run([sys.executable, "-m", "sphere_pl", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("usage: python -m sphere_pl COMMAND")
     commands = [line.split()[0] for line in result.stdout.split("commands:")[1].split("\n\n")[0].splitlines() if line.startswith("  ") and not line.startswith("    ")]
-    assert commands == ["fit", "validate", "test", "export", "apply", "rollback"]
+    assert commands == ["fit", "validate", "test", "export", "apply", "rollback", "study"]
     assert "Lightning Trainer" not in result.stdout and "predict" not in result.stdout

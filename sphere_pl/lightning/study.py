@@ -1,0 +1,497 @@
+"""`python -m sphere_pl study --config study.yaml`: one edit stream, several variants, each a real `fit`.
+
+A study names fit configs every variant starts from, settings every variant shares (the edit
+stream: data, evaluation points), and a list of variants (method x filters x overrides):
+
+    name: compare-200
+    directory: runs/studies/compare-200      # one folder per variant below it
+    configs: [configs/smollm2/common.yaml]   # fit configs, merged in order
+    overrides: {data.dataset_size_limit: 200, data.num_edits: 20}
+    variants:
+    - {name: memit, configs: [configs/smollm2/memit.yaml], overrides: {model.filters: []}}
+    - {name: memit+sphere, configs: [configs/smollm2/memit.yaml]}
+    collapse:                                # the rule, stated before the run
+      any:
+      - {metric: edited_so_far/efficacy_score, below: 0.5}
+      - {metric: never_edited/specificity_score, drop_from_start: 0.2}
+      points_in_a_row: 2
+      stop: true                             # end a variant once it has collapsed
+    logger: {project: sphere_pl}             # W&B, offline unless credentials: one run per variant, grouped
+
+Each variant runs as `python -m sphere_pl fit` in its own directory (checkpoints, logs, summary),
+so it has the same checkpoints and exact resume as any run. Before any edit every variant's
+config is checked (settings, methods, unique names, and that the directory holds no other
+study's runs of the same name). An interrupted study resumes every unfinished variant from its
+last checkpoint and skips finished ones; a variant that fails is recorded with its error and the
+others go on. The report (`report.md`, `report.csv`, `he.png`, `metrics.png`) is rebuilt from what
+is on disk after every variant, or alone with `--report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..evaluation import protocol
+from ..sphere.analysis import he_metric_correlations
+from .checkpoint_io import load_checkpoint_file
+from .collapse import CollapseRule
+
+STATUS = "status.json"
+
+
+class StudyConfigError(ValueError):
+    """A study config that cannot run: the message names the variant and the field."""
+
+
+@dataclass
+class Variant:
+    name: str
+    configs: list[str] = field(default_factory=list)
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class Study:
+    name: str
+    directory: Path
+    configs: list[str]
+    overrides: dict
+    variants: list[Variant]
+    collapse: CollapseRule | None
+    logger: dict | None
+    source: Path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Study":
+        path = Path(path)
+        if not path.is_file():
+            raise StudyConfigError(f"study config not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise StudyConfigError(f"{path}: expected a mapping of name, directory, configs, overrides, variants")
+        unknown = set(raw) - {"name", "directory", "configs", "overrides", "variants", "collapse", "logger"}
+        if unknown:
+            raise StudyConfigError(f"{path}: unknown field(s) {sorted(unknown)}")
+        for key in ("name", "directory", "variants"):
+            if not raw.get(key):
+                raise StudyConfigError(f"{path}: field {key!r} is missing")
+        variants, seen = [], set()
+        for i, entry in enumerate(raw["variants"]):
+            if not isinstance(entry, dict) or not entry.get("name"):
+                raise StudyConfigError(f"{path}: variants[{i}]: field 'name' is missing")
+            name = str(entry["name"])
+            if name in seen:
+                raise StudyConfigError(f"{path}: variant {name!r}: field 'name': two variants are named {name!r}")
+            if "/" in name or name.startswith("."):
+                raise StudyConfigError(f"{path}: variant {name!r}: field 'name': must be a plain folder name")
+            seen.add(name)
+            extra = set(entry) - {"name", "configs", "overrides"}
+            if extra:
+                raise StudyConfigError(f"{path}: variant {name!r}: unknown field(s) {sorted(extra)}")
+            variants.append(Variant(name, list(entry.get("configs") or []), dict(entry.get("overrides") or {})))
+        try:
+            collapse = CollapseRule.from_config(raw["collapse"], f"{path}: collapse") if raw.get("collapse") else None
+        except ValueError as e:
+            raise StudyConfigError(str(e)) from None
+        base = path.parent
+        configs = [str(_resolve(c, base)) for c in raw.get("configs") or []]
+        for v in variants:
+            v.configs = [str(_resolve(c, base)) for c in v.configs]
+            for c in v.configs:
+                if not Path(c).is_file():
+                    raise StudyConfigError(f"{path}: variant {v.name!r}: field 'configs': {c} does not exist")
+        for c in configs:
+            if not Path(c).is_file():
+                raise StudyConfigError(f"{path}: field 'configs': {c} does not exist")
+        directory = Path(raw["directory"])
+        return cls(str(raw["name"]), directory, configs, dict(raw.get("overrides") or {}), variants, collapse, raw.get("logger"), path)
+
+    # ---------------------------------------------------------------- configs
+    def variant_dir(self, variant: Variant) -> Path:
+        return self.directory / variant.name
+
+    def run_overrides(self, variant: Variant) -> dict:
+        """Everything this study sets in the variant's fit config, nested: the shared settings, the
+        variant's, then where its files go, its W&B run and the collapse rule."""
+        directory = self.variant_dir(variant).resolve()
+        logger = {"project": "sphere_pl", **(self.logger or {}), "name": variant.name, "group": self.name, "save_dir": str(directory)}
+        nested: dict = {}
+        for dotted, value in {**self.overrides, **variant.overrides}.items():
+            _set(nested, dotted, value)
+        _set(nested, "trainer.default_root_dir", str(directory))
+        _set(nested, "trainer.logger", {"class_path": "sphere_pl.lightning.loggers.AutoWandbLogger", "init_args": logger})
+        _set(nested, "checkpoint.dirpath", str(directory / "checkpoints"))
+        _set(nested, "summary.dirpath", str(directory))
+        _set(nested, "he_analysis.dirpath", str(directory))
+        if self.collapse is not None:
+            _set(nested, "collapse", self.collapse.as_config())
+        if _get(nested, "model.cases_dir"):
+            _set(nested, "model.cases_dir", str(directory / "cases"))
+        return nested
+
+    def fit_args(self, variant: Variant) -> list[str]:
+        """The `fit` arguments of a variant (its override file is written by `prepare`)."""
+        args = ["fit"]
+        for c in [*self.configs, *variant.configs]:
+            args += ["--config", c]
+        return args + ["--config", str(self.variant_dir(variant) / "study-overrides.yaml")]
+
+    def prepare(self, variant: Variant) -> dict:
+        """Write the variant's override file and check its whole config (settings, method) before any
+        edit; refuse a directory that holds another study's run under this variant's name."""
+        directory = self.variant_dir(variant)
+        directory.mkdir(parents=True, exist_ok=True)
+        overrides = directory / "study-overrides.yaml"
+        wanted = yaml.safe_dump(self.run_overrides(variant), sort_keys=True)
+        config = _print_config(self.fit_args(variant)[:-2] + ["--config", _temp_file(directory, wanted)], variant.name)
+        recorded = directory / "fit-config.yaml"
+        if recorded.exists():
+            before = yaml.safe_load(recorded.read_text())
+            differences = _differences(_without_paths(before), _without_paths(config))
+            if differences:
+                raise StudyConfigError(
+                    f"variant {variant.name!r}: {directory} holds a run made with other settings "
+                    f"(field {differences[0]}): give this study another directory, or remove that folder"
+                )
+        overrides.write_text(wanted)
+        recorded.write_text(yaml.safe_dump(config, sort_keys=True))
+        return config
+
+    # ---------------------------------------------------------------- running
+    def status(self, variant: Variant) -> dict:
+        path = self.variant_dir(variant) / STATUS
+        return json.loads(path.read_text()) if path.exists() else {"status": "not started"}
+
+    def run(self) -> int:
+        """Every unfinished variant, one after another; the report after each. Returns the exit status."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for variant in self.variants:  # every config checked before the first edit of any variant
+            self.prepare(variant)
+        stopped = _Forwarder()
+        for variant in self.variants:
+            if self.status(variant)["status"] == "done":
+                print(f"study {self.name}: {variant.name}: done, skipped", flush=True)
+                continue
+            code = self._run_variant(variant, stopped)
+            write_report(self)
+            if stopped.signal is not None:
+                print(f"study {self.name}: stopped by {signal.Signals(stopped.signal).name}; run the same command to resume", file=sys.stderr)
+                return 128 + stopped.signal
+            if code != 0:
+                print(f"study {self.name}: {variant.name} failed (exit {code}); going on with the others", file=sys.stderr, flush=True)
+        write_report(self)
+        failed = [v.name for v in self.variants if self.status(v)["status"] == "failed"]
+        return 1 if failed else 0
+
+    def _run_variant(self, variant: Variant, stopped: "_Forwarder") -> int:
+        directory = self.variant_dir(variant)
+        last = directory / "checkpoints" / "last.ckpt"
+        args = self.fit_args(variant) + (["--ckpt_path", str(last)] if last.exists() else [])
+        print(f"study {self.name}: {variant.name}: {'resuming from ' + str(last) if last.exists() else 'starting'} "
+              f"(log: {directory / 'fit.log'})", flush=True)
+        start = time.time()
+        with open(directory / "fit.log", "a") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m sphere_pl {' '.join(args)}\n")
+            log.flush()
+            process = subprocess.Popen([sys.executable, "-m", "sphere_pl", *args], stdout=log, stderr=subprocess.STDOUT)
+            with stopped.forwarding_to(process):
+                code = process.wait()
+        status = {"status": "done" if code == 0 else "failed", "exit": code, "seconds": round(time.time() - start, 1)}
+        if code != 0:
+            status["error"] = _error_lines(directory / "fit.log")
+            if stopped.signal is not None:
+                status["status"] = "stopped"
+        (directory / STATUS).write_text(json.dumps(status, indent=1))
+        print(f"study {self.name}: {variant.name}: {status['status']} after {status['seconds']:.0f} s", flush=True)
+        return code
+
+
+class _Forwarder:
+    """Passes SIGTERM/SIGINT on to the running variant, which checkpoints and stops; the study then stops too."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    @contextlib.contextmanager
+    def forwarding_to(self, process: subprocess.Popen):
+        def handler(signum, frame):
+            self.signal = signum
+            process.send_signal(signal.SIGTERM)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------ the report
+
+
+def variant_rows(directory: Path) -> list[dict]:
+    """The evaluation rows a variant recorded: from its last checkpoint (also mid-run), else its metrics.csv."""
+    last = directory / "checkpoints" / "last.ckpt"
+    if last.exists():
+        return [dict(r) for r in load_checkpoint_file(last)["sphere_pl"].get("progress_history", [])]
+    path = directory / "metrics.csv"
+    if path.exists():
+        with open(path, newline="") as f:
+            return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+    return []
+
+
+def seconds_per_edit(directory: Path) -> float | None:
+    """Editing seconds per edit of a finished variant (its summary: the phases of the editor, set-up excluded)."""
+    path = directory / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    seconds = {k: v for k, v in summary.get("seconds", {}).items() if k not in ("setup", "statistics")}
+    return sum(seconds.values()) / summary["edits"] if summary.get("edits") else None
+
+
+POINT_METRICS = (protocol.EDITED_SO_FAR, protocol.NEVER_EDITED, protocol.GENERAL)
+
+
+def write_report(study: Study) -> Path:
+    """`report.md` and `report.csv` (final and per-point metrics, HE change per layer, seconds per edit,
+    collapse point) and `he.png`, `metrics.png` in the study directory, from what is on disk."""
+    directory = study.directory
+    results = []
+    for variant in study.variants:
+        vdir = study.variant_dir(variant)
+        rows = variant_rows(vdir)
+        points = [r for r in rows if any(k.startswith(POINT_METRICS) for k in r)]
+        summary = json.loads((vdir / "summary.json").read_text()) if (vdir / "summary.json").exists() else {}
+        he = {k.split("/", 1)[1]: v for k, v in (rows[-1] if rows else {}).items() if k.startswith("he_relative/")}
+        collapse = study.collapse.first_collapse(rows) if study.collapse else None
+        correlations = he_metric_correlations(rows, "he/", POINT_METRICS)
+        results.append({"variant": variant.name, "status": study.status(variant), "rows": rows, "points": points,
+                        "final": summary.get("final", {}), "edits": int(rows[-1]["edits"]) if rows else 0, "he": he,
+                        "seconds_per_edit": seconds_per_edit(vdir), "collapse": collapse, "spearman": correlations})
+    metrics = sorted({k for r in results for row in r["points"] for k in row if k.startswith(POINT_METRICS) and "magnitude" not in k})
+    with open(directory / "report.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["variant", "edits", *metrics, *sorted({k for r in results for row in r["rows"] for k in row if k.startswith("he_relative/")})])
+        writer.writeheader()
+        for r in results:
+            for row in r["points"]:
+                writer.writerow({"variant": r["variant"], **{k: row.get(k, "") for k in writer.fieldnames if k != "variant"}})
+    (directory / "report.md").write_text(_markdown(study, results, metrics))
+    _plots(results, metrics, directory)
+    return directory / "report.md"
+
+
+def _markdown(study: Study, results: list[dict], metrics: list[str]) -> str:
+    rule = study.collapse.describe() if study.collapse else "none stated"
+    lines = [f"# Study {study.name}", "", f"Collapse rule: {rule}.", "",
+             "| variant | status | edits | s per edit | " + " | ".join(m for m in metrics) + " | mean ΔHE/HE | collapsed at |",
+             "|---|---|---:|---:|" + "---:|" * len(metrics) + "---:|---|"]
+    for r in results:
+        last = r["points"][-1] if r["points"] else {}
+        he = sum(r["he"].values()) / len(r["he"]) if r["he"] else math.nan
+        sec = f"{r['seconds_per_edit']:.2f}" if r["seconds_per_edit"] is not None else "–"
+        collapsed = f"{r['collapse']['edits']} edits ({r['collapse']['why']})" if r["collapse"] else f"none by {r['edits']}"
+        lines.append(f"| {r['variant']} | {r['status']['status']} | {r['edits']} | {sec} | "
+                     + " | ".join(_fmt(last.get(m)) for m in metrics) + f" | {_fmt(he, '.3e')} | {collapsed} |")
+    lines += ["", "## At every evaluation point", ""]
+    for r in results:
+        if not r["points"]:
+            continue
+        lines += [f"### {r['variant']}", "", "| edits | " + " | ".join(metrics) + " |", "|---:|" + "---:|" * len(metrics)]
+        lines += [f"| {int(p['edits'])} | " + " | ".join(_fmt(p.get(m)) for m in metrics) + " |" for p in r["points"]]
+        lines.append("")
+    lines += ["## Spearman ρ of HE against each metric over the evaluation points (level; change)", ""]
+    for r in results:
+        found = False
+        for layer, by_metric in r["spearman"].items():
+            cells = [f"{m} {_fmt(v['level'], '.2f')}; {_fmt(v['change'], '.2f')}" for m, v in by_metric.items()
+                     if "magnitude" not in m and (v["level"] is not None or v["change"] is not None)]
+            if cells:
+                found = True
+                lines.append(f"- {r['variant']}, {layer}: " + ", ".join(cells))
+        if not found:
+            lines.append(f"- {r['variant']}: too few evaluation points (3 needed) or constant series")
+    lines += ["", "Files: report.csv (every point), he.png, metrics.png; each variant's folder holds its run."]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(results: list[dict], metrics: list[str], directory: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({k.split("/", 1)[1] for r in results for row in r["rows"] for k in row if k.startswith("he_relative/")})
+    if layers:
+        fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.2), squeeze=False)
+        for ax, layer in zip(axes[0], layers):
+            for r in results:
+                pts = [(row["edits"], row[f"he_relative/{layer}"]) for row in r["rows"] if f"he_relative/{layer}" in row]
+                if pts:
+                    ax.plot(*zip(*pts), label=r["variant"])
+            ax.set_title(f"ΔHE/HE {layer}")
+            ax.set_xlabel("edits")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(directory / "he.png", dpi=110)
+        plt.close(fig)
+    if metrics:
+        cols = min(3, len(metrics))
+        fig, axes = plt.subplots(-(-len(metrics) // cols), cols, figsize=(4.2 * cols, 3.2 * -(-len(metrics) // cols)), squeeze=False)
+        for ax, metric in zip(axes.flat, metrics):
+            for r in results:
+                pts = [(row["edits"], row[metric]) for row in r["points"] if metric in row]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", markersize=3, label=r["variant"])
+            ax.set_title(metric, fontsize=9)
+            ax.set_xlabel("edits")
+        for ax in list(axes.flat)[len(metrics):]:
+            ax.axis("off")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(directory / "metrics.png", dpi=110)
+        plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _resolve(path: str, base: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else (base / p)
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def _get(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _temp_file(directory: Path, text: str) -> str:
+    path = directory / ".study-overrides.check.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _print_config(args: list[str], variant: str) -> dict:
+    """The variant's whole fit config as `fit --print_config` gives it (settings checked, nothing
+    loaded); a refused setting or an unknown method becomes a StudyConfigError naming the variant."""
+    from .cli import main
+    from ..editing.methods.base import METHODS
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([*args, "--print_config"])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, str):
+                err.write(e.code)
+    if code != 0:
+        lines = [line for line in err.getvalue().strip().splitlines() if line.strip()]
+        detail = next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "")
+        raise StudyConfigError(f"variant {variant!r}: {detail.removeprefix('error: ')}")
+    config = yaml.safe_load(out.getvalue())
+    method = _get(config, "model.method")
+    if isinstance(method, str) and method.strip().lower() not in METHODS:
+        raise StudyConfigError(f"variant {variant!r}: field 'model.method': unknown editing method {method!r}; known methods: {sorted(METHODS)}")
+    _instantiate_settings(config, variant)
+    return config
+
+
+def _instantiate_settings(config: dict, variant: str) -> None:
+    """Build what the variant's settings describe, except the model (`--print_config` checks types;
+    a method's or callback's own checks, e.g. `values.lr` > 0, run when it is built)."""
+    from jsonargparse import ArgumentParser
+
+    from ..editing.methods.base import EditMethod
+    from ..editing.writer import DeltaFilter
+    from .cli import SECTIONS, _raised_by_sphere_pl
+    from .datamodule import EditDataModule
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--method", type=EditMethod | str)
+    parser.add_argument("--filters", type=list[DeltaFilter] | None)
+    parser.add_class_arguments(EditDataModule, "data")
+    for section, cls in SECTIONS.items():
+        parser.add_class_arguments(cls, section)
+    given = {"method": _get(config, "model.method"), "filters": _get(config, "model.filters"), "data": config.get("data", {}),
+             **{section: config.get(section, {}) for section in SECTIONS}}
+    try:
+        parser.instantiate_classes(parser.parse_object(given))
+    except (ValueError, TypeError, OSError) as e:
+        own = _raised_by_sphere_pl(e)  # the setting's own refusal, out of jsonargparse's wrapping
+        raise StudyConfigError(f"variant {variant!r}: {own if own is not None else str(e).strip().splitlines()[0]}") from None
+
+
+def _without_paths(config: dict) -> dict:
+    """A fit config without what the study sets per run (where files go, the W&B run)."""
+    config = json.loads(json.dumps(config))
+    for dotted in ("trainer.default_root_dir", "trainer.logger", "checkpoint.dirpath", "summary.dirpath", "he_analysis.dirpath",
+                   "model.cases_dir", "ckpt_path", "config"):
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return config
+
+
+def _differences(a, b, where: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
+        return out
+    return [] if a == b else [f"{where}: {a!r} then, {b!r} now"]
+
+
+def _error_lines(log: Path) -> str:
+    lines = log.read_text(errors="replace").splitlines()[-200:]
+    errors = [line for line in lines if line.startswith(("error:", "hint:"))]
+    return "\n".join(errors or lines[-20:])
+
+
+def run_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sphere_pl study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the study's YAML file")
+    parser.add_argument("--report", action="store_true", help="only rebuild report.md, report.csv and the plots from what is on disk")
+    args = parser.parse_args(argv)
+    try:
+        study = Study.load(args.config)
+        if args.report:
+            print(f"wrote {write_report(study)}")
+            return 0
+        return study.run()
+    except StudyConfigError as e:
+        raise SystemExit(f"error: {e}\nhint: fix the study config; nothing was edited") from None

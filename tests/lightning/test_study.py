@@ -1,0 +1,166 @@
+"""`python -m sphere_pl study`: variants as real fits, resumed after a kill, failures recorded,
+bad study configs refused before any edit, the report rebuilt from disk.
+
+The study runs as a user runs it (a `python -m sphere_pl study` process, which starts one
+`python -m sphere_pl fit` process per variant) on the tiny model: 3 batches of 2 edits.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import cli_env
+from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
+from test_cli_commands import run_config
+
+NUM_EDITS, NUM_BATCHES = 2, 3
+
+
+def write_study(tmp_path: Path, tiny_model_dir: str, stats_cache: str, variants: list[dict], name: str = "tiny", **extra) -> Path:
+    base = run_config(tiny_model_dir, stats_cache, tmp_path / "unused")
+    for key in ("default_root_dir", "logger"):
+        base["trainer"].pop(key)
+    base["checkpoint"].pop("dirpath")
+    base["data"].update(num_edits=NUM_EDITS, dataset_size_limit=NUM_EDITS * NUM_BATCHES)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    study = {"name": name, "directory": str(tmp_path / "study"), "configs": [str(tmp_path / "base.yaml")],
+             "overrides": {"facts.every_n_batches": 1}, "variants": variants, "logger": {"offline": True}, **extra}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def study(path: Path, tmp_path: Path, *more: str, wait: bool = True):
+    env = cli_env(tmp_path)
+    args = [sys.executable, "-m", "sphere_pl", "study", "--config", str(path), *more]
+    if not wait:
+        return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint_file(run / "checkpoints" / "last.ckpt")["sphere_pl"]["weights"]
+
+
+VARIANTS = [{"name": "alphaedit"}, {"name": "memit", "overrides": {"model.method": {"class_path": "sphere_pl.MEMIT", "init_args": {"layers": [1, 2]}}}}]
+
+
+def test_a_study_runs_each_variant_as_a_fit_and_reports_them_side_by_side(tiny_model_dir, stats_cache, tmp_path):
+    path = write_study(tmp_path, tiny_model_dir, stats_cache, VARIANTS,
+                       collapse={"conditions": [{"metric": "edited_so_far/efficacy_score", "below": 2.0}], "points_in_a_row": 2})
+    result = study(path, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = tmp_path / "study"
+    for name in ("alphaedit", "memit"):
+        run = root / name
+        assert json.loads((run / "status.json").read_text())["status"] == "done"
+        assert load_checkpoint_file(run / "checkpoints" / "last.ckpt")["sphere_pl"]["edits_applied"] == NUM_EDITS * NUM_BATCHES
+        config = yaml.safe_load((run / "fit-config.yaml").read_text())
+        assert config["trainer"]["logger"]["init_args"]["group"] == "tiny" and config["trainer"]["logger"]["init_args"]["name"] == name
+        assert list((run / "wandb").glob("offline-run-*"))  # one W&B run per variant
+    methods = {name: yaml.safe_load((root / name / "fit-config.yaml").read_text())["model"]["method"]["class_path"] for name in ("alphaedit", "memit")}
+    assert methods == {"alphaedit": "sphere_pl.AlphaEdit", "memit": "sphere_pl.MEMIT"}
+    assert final_weights(root / "alphaedit").keys() == final_weights(root / "memit").keys()
+    assert any(not torch.equal(a, b) for a, b in zip(final_weights(root / "alphaedit").values(), final_weights(root / "memit").values()))
+
+    # the report's rows are the runs' own: every evaluation point of each variant, as its summary wrote them
+    with open(root / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for name in ("alphaedit", "memit"):
+        with open(root / name / "metrics.csv", newline="") as f:
+            own = [r for r in csv.DictReader(f) if r.get("edited_so_far/efficacy_score")]
+        mine = [r for r in rows if r["variant"] == name]
+        assert [float(r["edits"]) for r in mine] == [float(r["edits"]) for r in own] == [2.0, 4.0, 6.0]
+        assert [float(r["edited_so_far/efficacy_score"]) for r in mine] == [float(r["edited_so_far/efficacy_score"]) for r in own]
+    report = (root / "report.md").read_text()
+    # the stated rule (an efficacy below 2.0 always holds) makes both collapse at the first of two points in a row
+    assert "Collapse rule: edited_so_far/efficacy_score below 2.0, at 2 evaluation point(s) in a row." in report
+    assert report.count("| 2 edits (edited_so_far/efficacy_score") == 2
+    for png in ("he.png", "metrics.png"):
+        assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --report rebuilds the same report from what is on disk
+    (root / "report.md").unlink()
+    assert study(path, tmp_path, "--report").returncode == 0
+    assert (root / "report.md").read_text() == report
+    # a finished study run again edits nothing more
+    again = study(path, tmp_path)
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 2
+
+
+def test_a_killed_study_resumes_its_unfinished_variant_exactly_and_skips_the_finished_one(tiny_model_dir, stats_cache, tmp_path):
+    variants = [{"name": "first"}, {"name": "second", "overrides": {"model.method.init_args.values.num_grad_steps": 25}}]
+    path = write_study(tmp_path, tiny_model_dir, stats_cache, variants)
+    process = study(path, tmp_path, wait=False)
+    second = tmp_path / "study" / "second" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not second.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the study and its running fit, as a machine going down would
+    process.wait()
+    done = load_checkpoint_file(second)["sphere_pl"]["edits_applied"]
+    assert done < NUM_EDITS * NUM_BATCHES
+    first_before = final_weights(tmp_path / "study" / "first")
+
+    result = study(path, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "first: done, skipped" in result.stdout and "second: resuming from" in result.stdout
+    assert all(torch.equal(first_before[k], v) for k, v in final_weights(tmp_path / "study" / "first").items())
+
+    # the same variant run without interruption ends with the same weights
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    reference = write_study(fresh, tiny_model_dir, stats_cache, variants[1:])
+    assert study(reference, fresh).returncode == 0
+    resumed, uninterrupted = final_weights(tmp_path / "study" / "second"), final_weights(fresh / "study" / "second")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_a_failing_variant_is_recorded_and_the_others_go_on(tiny_model_dir, stats_cache, tmp_path):
+    variants = [{"name": "broken", "overrides": {"model.method.init_args.values.lr": 1e30}}, {"name": "fine"}]
+    result = study(write_study(tmp_path, tiny_model_dir, stats_cache, variants), tmp_path)
+    assert result.returncode == 1
+    broken = json.loads((tmp_path / "study" / "broken" / "status.json").read_text())
+    assert broken["status"] == "failed" and "target values did not move" in broken["error"]
+    assert json.loads((tmp_path / "study" / "fine" / "status.json").read_text())["status"] == "done"
+    assert "| broken | failed |" in (tmp_path / "study" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("variants, message", [
+    ([{"name": "a", "overrides": {"model.method": "memitt"}}], r"error: variant 'a': field 'model.method': unknown editing method 'memitt'"),
+    ([{"name": "a"}, {"name": "a"}], r"error: .*variant 'a': field 'name': two variants are named 'a'"),
+    ([{"name": "a", "overrides": {"model.method.init_args.values.lr": -1}}], r"error: variant 'a': .*values.lr = -1"),
+    ([{"name": "a", "overrides": {"data.no_such_setting": 3}}], r"error: variant 'a': .*no_such_setting"),
+    ([{"name": "a", "configs": ["missing.yaml"]}], r"error: .*variant 'a': field 'configs': .*missing.yaml does not exist"),
+])
+def test_a_bad_study_config_is_refused_before_any_edit_naming_the_variant_and_field(tiny_model_dir, stats_cache, tmp_path, variants, message):
+    import re
+
+    result = study(write_study(tmp_path, tiny_model_dir, stats_cache, variants), tmp_path)
+    assert result.returncode == 1 and re.search(message, result.stderr), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "study").glob("*/checkpoints/*.ckpt")) and not list((tmp_path / "study").glob("*/fit.log"))
+
+
+def test_a_study_directory_holding_another_studys_runs_is_refused(tiny_model_dir, stats_cache, tmp_path):
+    first = write_study(tmp_path, tiny_model_dir, stats_cache, [{"name": "a"}])
+    assert study(first, tmp_path).returncode == 0
+    before = final_weights(tmp_path / "study" / "a")
+    other = write_study(tmp_path, tiny_model_dir, stats_cache, [{"name": "a", "overrides": {"data.seed": 7}}], name="other")
+    result = study(other, tmp_path)
+    assert result.returncode == 1
+    assert "error: variant 'a': " in result.stderr and "holds a run made with other settings (field data.seed: 0 then, 7 now)" in result.stderr
+    assert all(torch.equal(before[k], v) for k, v in final_weights(tmp_path / "study" / "a").items())
