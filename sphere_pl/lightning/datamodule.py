@@ -72,7 +72,10 @@ class EditDataModule(L.LightningDataModule):
     on_bad_record: "fatal" stops at a malformed record; "skip" leaves it out with a warning naming it.
     dataset_size_limit: edit only the first N records (None: all but the held-out ones).
     num_edits: requests per edit batch.
-    num_holdout: never-edited records, taken after the edit set, for specificity checks.
+    num_holdout: never-edited records, for specificity checks: taken right after the edit set,
+        or from `holdout_start` on.
+    holdout_start: where the held-out records start in the file (negative: from its end, e.g. -200
+        for the last 200); they must not overlap the edit set. None: right after the edit set.
     shuffle: order the edit set by a seeded permutation (`seed`); False keeps file order.
     eval_requests_per_batch: requests per evaluation (validate / test) batch.
     """
@@ -85,6 +88,7 @@ class EditDataModule(L.LightningDataModule):
         dataset_size_limit: int | None = None,
         num_edits: int = 10,
         num_holdout: int = 10,
+        holdout_start: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
         eval_requests_per_batch: int = 16,
@@ -101,6 +105,7 @@ class EditDataModule(L.LightningDataModule):
         self.dataset_size_limit = dataset_size_limit
         self.num_edits = num_edits
         self.num_holdout = num_holdout
+        self.holdout_start = holdout_start
         self.shuffle = shuffle
         self.seed = seed
         self.eval_requests_per_batch = eval_requests_per_batch
@@ -122,8 +127,11 @@ class EditDataModule(L.LightningDataModule):
         edit = records[:n_edit]
         if self.shuffle:
             edit = random.Random(self.seed).sample(edit, len(edit))
+        start = n_edit if self.holdout_start is None else self.holdout_start % len(records) if self.holdout_start < 0 else self.holdout_start
+        if start < n_edit and self.num_holdout:
+            raise ValueError(f"data.holdout_start = {self.holdout_start} puts held-out records among the {n_edit} edited ones of {self.source}")
         self.edit_requests = edit
-        self.holdout_requests = records[n_edit : n_edit + self.num_holdout]
+        self.holdout_requests = records[start : start + self.num_holdout]
 
     @property
     def edit_batches(self) -> list[EditBatch]:

@@ -2,7 +2,8 @@
 
 Which facts and when (`sphere_pl.evaluation.protocol` names the prefixes):
 
-* `pre_edit/to_edit/`: the facts that will be edited (the same sample as below), before the first edit;
+* `pre_edit/to_edit/`: the facts that will be edited (the same sample as below), before the first
+  edit, with `never_edited/` at 0 edits;
 * `last_batch/`: the batch just edited, right after its edit;
 * `edited_so_far/`: the facts edited so far, or a fixed sample of `sample_size`, and
   `never_edited/`: the datamodule's held-out facts, at the evaluation points (`every_n_batches`
@@ -77,6 +78,9 @@ class FactMonitor(L.Callback):
         if self.before_editing and pl_module.editor.batches_done == 0 and to_edit:
             with pl_module.editor.timer("evaluation"):
                 values = self.score(pl_module, self.sample(to_edit), protocol.PRE_EDIT, "pre_edit", extras=True)
+                holdout = getattr(trainer.datamodule, "holdout_requests", [])
+                if holdout:  # the never-edited facts' starting point, for their curve and a collapse rule
+                    values.update(self.score(pl_module, holdout, protocol.NEVER_EDITED, "pre_edit"))
             pl_module.recorder.record(values)
 
     # ----------------------------------------------------------- during fit

@@ -17,13 +17,14 @@ class GeneralAbilityMonitor(L.Callback):
         `limit` (first n examples, default 500), `PerplexityTask` on WikiText-2.
     every_n_batches: measure after every this many edit batches (0: only before editing and
         in validate / test).
+    at_edits: instead, measure after the first batch that brings the edits applied to each of these.
     before_editing: measure once before the first edit (`pre_edit/general/...`).
 
     Recorded as `<moment>general/<task>/<metric>` with `edits` through the module's recorder;
     per-case rows go to its `cases_dir` as `general-<task>.jsonl`.
     """
 
-    def __init__(self, tasks: list[Evaluator] | None = None, every_n_batches: int = 5, before_editing: bool = True):
+    def __init__(self, tasks: list[Evaluator] | None = None, every_n_batches: int = 5, before_editing: bool = True, at_edits: list[int] | None = None):
         tasks = tasks or []
         if every_n_batches < 0:
             raise ValueError(f"every_n_batches must be >= 0, got {every_n_batches}")
@@ -32,6 +33,7 @@ class GeneralAbilityMonitor(L.Callback):
             raise ValueError(f"general tasks must have distinct names, got {names}")
         self.tasks = list(tasks)
         self.every_n_batches = every_n_batches
+        self.at_edits = sorted(set(at_edits)) if at_edits is not None else None
         self.before_editing = before_editing
         self.items: dict[str, list] = {}
 
@@ -63,7 +65,12 @@ class GeneralAbilityMonitor(L.Callback):
             pl_module.recorder.record(self.measure(trainer, pl_module, protocol.PRE_EDIT_GENERAL, "pre_edit"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.tasks and self.every_n_batches and pl_module.editor.batches_done % self.every_n_batches == 0:
+        editor = pl_module.editor
+        if self.at_edits is not None:
+            due = any(editor.edits_applied - len(batch.requests) < n <= editor.edits_applied for n in self.at_edits)
+        else:
+            due = bool(self.every_n_batches) and editor.batches_done % self.every_n_batches == 0
+        if self.tasks and due:
             pl_module.recorder.record(self.measure(trainer, pl_module, protocol.GENERAL, "after_batch"))
 
     def on_validation_end(self, trainer, pl_module) -> None:

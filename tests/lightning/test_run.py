@@ -556,6 +556,8 @@ class EvaluationProbe(L.Callback):
         everything = self.facts.sample(self.data.edit_requests)
         values = CounterFactEvaluator("pre_edit/to_edit/").evaluate(pl_module.model, pl_module.editor.tokenizer, everything)
         self.expected_pre_edit = {k: float(v) for k, v in values.items()}
+        holdout = CounterFactEvaluator("never_edited/").evaluate(pl_module.model, pl_module.editor.tokenizer, self.data.holdout_requests)
+        self.expected_pre_edit_never_edited = {k: float(v) for k, v in holdout.items()}
 
 
 def test_metrics_logged_every_eval_every_batches_on_a_fixed_sample(tiny_model_dir, tiny_method, tmp_path):
@@ -573,7 +575,7 @@ def test_metrics_logged_every_eval_every_batches_on_a_fixed_sample(tiny_model_di
     # evaluation (and HE, every 2 batches too) only after the second batch: later rows must not
     # repeat those values as if they had been measured at 12 edits
     assert [r["edits"] for r in rows if "edited_so_far/efficacy_score" in r] == [8]
-    assert [r["edits"] for r in rows if "never_edited/specificity_score" in r] == [8]
+    assert [r["edits"] for r in rows if "never_edited/specificity_score" in r] == [0, 8]  # their starting point, then the point
     assert [r["edits"] for r in rows if "he/layer1" in r] == [8]
     row = next(r for r in rows if "edited_so_far/efficacy_score" in r)
     expected = probe.expected[2]
@@ -590,6 +592,8 @@ def test_metrics_logged_every_eval_every_batches_on_a_fixed_sample(tiny_model_di
     pre = [r for r in rows if "pre_edit/to_edit/efficacy_score" in r]
     assert [r["edits"] for r in pre] == [0]
     assert {k: pre[0][k] for k in probe.expected_pre_edit} == pytest.approx(probe.expected_pre_edit, rel=1e-6, abs=1e-12)
+    expected = probe.expected_pre_edit_never_edited
+    assert {k: pre[0][k] for k in expected} == pytest.approx(expected, rel=1e-6, abs=1e-12)  # never-edited facts before editing
 
     # the sample: k facts, all already edited, and a fact edited earlier enters it only when first edited
     for done, sample in probe.samples.items():

@@ -80,8 +80,10 @@ def test_a_study_runs_each_variant_as_a_fit_and_reports_them_side_by_side(tiny_m
     for name in ("alphaedit", "memit"):
         with open(root / name / "metrics.csv", newline="") as f:
             own = [r for r in csv.DictReader(f) if r.get("edited_so_far/efficacy_score")]
-        mine = [r for r in rows if r["variant"] == name]
+        mine = [r for r in rows if r["variant"] == name and r["edited_so_far/efficacy_score"]]
         assert [float(r["edits"]) for r in mine] == [float(r["edits"]) for r in own] == [2.0, 4.0, 6.0]
+        start = [r for r in rows if r["variant"] == name and not r["edited_so_far/efficacy_score"]]
+        assert [float(r["edits"]) for r in start] == [0.0] and start[0]["never_edited/specificity_score"]  # the never-edited facts before editing
         assert [float(r["edited_so_far/efficacy_score"]) for r in mine] == [float(r["edited_so_far/efficacy_score"]) for r in own]
     report = (root / "report.md").read_text()
     # the stated rule (an efficacy below 2.0 always holds) makes both collapse at the first of two points in a row
