@@ -446,6 +446,7 @@ def _instantiate_settings(config: dict, variant: str) -> None:
         parser.add_class_arguments(cls, section)
     given = {"method": _get(config, "model.method"), "filters": _get(config, "model.filters"), "data": config.get("data", {}),
              **{section: config.get(section, {}) for section in SECTIONS}}
+    given = json.loads(json.dumps(given))  # jsonargparse turns the mappings it is given into namespaces, in place
     try:
         parser.instantiate_classes(parser.parse_object(given))
     except (ValueError, TypeError, OSError) as e:

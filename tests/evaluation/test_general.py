@@ -561,3 +561,32 @@ def test_registry():
         create_task("nli", path="x", on_bad_record="ignore")
     with pytest.raises(ValueError, match="limit"):
         create_task("nli", path="x", limit=0)
+
+
+def test_fluency_task_scores_the_same_prompts_from_the_end_of_a_file_by_ngram_entropy():
+    """FluencyTask: the rewrite prompts of the file's last `limit` records (never edited by a run that
+    edits the file's first records), greedy continuations scored one by one with ROME's entropy."""
+    from sphere_pl.evaluation.fluency import ngram_entropy
+    from sphere_pl.evaluation.general import FluencyTask
+    from sphere_pl.evaluation.generation_quality import scored_text
+
+    path = DATA / "counterfact" / "counterfact-train.json"
+    task = FluencyTask(str(path), start=-3, limit=3, max_new_tokens=6, batch_size=2)
+    items = task.load()
+    last = json.loads(path.read_text())[-3:]
+    assert [r.case_id for r in items] == [r["case_id"] for r in last]
+    model, tok = tiny_llama(), tiny_tokenizer()
+    values, rows = task.evaluate_cases(model, tok, items)
+    assert [row["prompts"] for row in rows] == [[r["prompt"]] for r in last]
+    # greedy: each continuation is the argmax token after token, from a plain forward pass
+    for row in rows:
+        ids = tok(row["prompts"][0]).input_ids
+        for _ in range(6):
+            with torch.no_grad():
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        prompt_len = len(tok(row["prompts"][0]).input_ids)
+        assert row["generated"][0] == tok.decode(ids[prompt_len:], skip_special_tokens=True)
+        assert row["fluency"] == pytest.approx(ngram_entropy(scored_text(row["prompts"][0], row["generated"][0])))
+    assert float(values["fluency"]) == pytest.approx(sum(r["fluency"] for r in rows) / 3)
+    with pytest.raises(EvalDataError, match="the file has only"):
+        FluencyTask(str(path), start=9999, limit=5).load()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .closed_qa import ClosedQATask
 from .common import INVALID, BinaryItem, answer_after, classify_answer
+from .fluency_task import FluencyTask
 from .nli import NLITask
 from .open_qa import OpenQATask, normalize_answer, soft_exact_match
 from .perplexity import PerplexityTask
@@ -17,6 +18,7 @@ GENERAL_TASKS: dict[str, type] = {
     "reasoning": ReasoningTask,
     "nli": NLITask,
     "closed_qa": ClosedQATask,
+    "fluency": FluencyTask,
     "open_qa": OpenQATask,
     "perplexity": PerplexityTask,
 }
@@ -34,6 +36,7 @@ __all__ = [
     "INVALID",
     "BinaryItem",
     "ClosedQATask",
+    "FluencyTask",
     "NLITask",
     "OpenQATask",
     "PerplexityTask",
