@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
@@ -33,6 +34,9 @@ class HypersphericalEnergyMonitor(L.Callback):
 
     Collapse under sequential editing coincides with large ΔHE, which is why it is watched live.
     The pre-edit HE is part of the callback's checkpoint state, so a resumed run keeps its baseline.
+    HE is that of the weights that are evaluated, so that HE and the metrics describe the same
+    weights: where a method evaluates others than the live ones (PRUNE's `restrain: evaluation`),
+    the live weights' HE is logged beside it as `he_live/layerN`.
     The definition is configurable: the power `s` (0: logarithmic energy), `reduction` (mean or
     sum over neuron pairs) and `normalize_rows` (False: distances between raw rows, not directions).
     """
@@ -53,6 +57,15 @@ class HypersphericalEnergyMonitor(L.Callback):
             for layer, weight in pl_module.editor.edited_weights().items()
         }
 
+    def _evaluated_and_live(self, pl_module) -> tuple[dict[str, float], dict[str, float] | None]:
+        """HE of the evaluated weights, and of the live ones where they differ (else None)."""
+        editor = pl_module.editor
+        live_weights = {layer: w.detach().clone() for layer, w in editor.edited_weights().items()}
+        with editor.evaluation_weights():
+            differs = any(not torch.equal(w, live_weights[layer]) for layer, w in editor.edited_weights().items())
+            evaluated = self._energies(pl_module)
+        return evaluated, (self._energies(pl_module) if differs else None)
+
     def on_fit_start(self, trainer, pl_module) -> None:
         if not self.initial:  # restored from a checkpoint when resuming
             with pl_module.editor.timer("he"):
@@ -62,13 +75,15 @@ class HypersphericalEnergyMonitor(L.Callback):
         if pl_module.editor.batches_done % self.every_n_batches:
             return
         with pl_module.editor.timer("he"):
-            energies = self._energies(pl_module)
+            energies, live = self._evaluated_and_live(pl_module)
         values = {}
         for layer, he in energies.items():
             he0 = self.initial[layer]
             values[f"he/{layer}"] = he
             values[f"he_delta/{layer}"] = he - he0
             values[f"he_relative/{layer}"] = (he - he0) / abs(he0)
+            if live is not None:
+                values[f"he_live/{layer}"] = live[layer]
         pl_module.recorder.record(values)
 
     def state_dict(self) -> dict:

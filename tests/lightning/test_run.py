@@ -509,6 +509,44 @@ def test_he_monitor_logs_energy_of_the_edited_weights(tiny_model_dir, tiny_metho
         )
 
 
+class LowRestraintBound(L.Callback):
+    """PRUNE's bound on the cumulative change lowered (after its set-up) so that its restraint acts;
+    after every batch, the evaluated (restrained) and the live weights."""
+
+    def __init__(self):
+        self.evaluated, self.live = {}, {}
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.method.sigma_max = [1e-4] * len(pl_module.method.layers)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        done = pl_module.editor.batches_done
+        self.live[done] = {k: w.detach().clone() for k, w in pl_module.editor.edited_weights().items()}
+        with pl_module.editor.evaluation_weights():
+            self.evaluated[done] = {k: w.detach().clone() for k, w in pl_module.editor.edited_weights().items()}
+
+
+def test_he_is_that_of_the_evaluated_weights_and_the_live_ones_are_logged_beside_it(tiny_model_dir, stats_cache, tmp_path):
+    """PRUNE evaluates restrained weights while the model keeps the raw deltas: HE (and so the HE
+    analysis) describes the weights the metrics were measured on, `he_live/` the others."""
+    from conftest import tiny_method_kwargs
+    from sphere_pl import PRUNE
+
+    editor = SequentialEditor(model_name_or_path=tiny_model_dir, method=PRUNE(**tiny_method_kwargs(stats_cache)["prune"]))
+    weights = LowRestraintBound()
+    trainer = make_trainer(tmp_path, weights, logger=csv_logger(tmp_path))
+    trainer.fit(editor, quickstart_data(tmp_path))
+    rows = [r for r in logged_rows(trainer) if "he/layer1" in r]
+    assert [r["edits"] for r in rows] == [4, 8, 12]
+    for row, done in zip(rows, (1, 2, 3)):
+        for layer in (1, 2):
+            evaluated, live = weights.evaluated[done][layer], weights.live[done][layer]
+            assert float((evaluated - live).abs().max()) > 0  # the restraint acted
+            assert row[f"he/layer{layer}"] == pytest.approx(brute_force_he(evaluated), rel=1e-6)
+            assert row[f"he_live/layer{layer}"] == pytest.approx(brute_force_he(live), rel=1e-6)
+            assert row[f"he/layer{layer}"] != pytest.approx(row[f"he_live/layer{layer}"], rel=1e-9)
+
+
 def test_he_baseline_survives_resume(tiny_model_dir, tiny_method, tmp_path):
     interrupted, resumed, trainer, recorder = run_interrupted_then_resumed(tiny_model_dir, tiny_method, tmp_path, 1)
     names = down_proj_names(resumed)
