@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data.records import EditDataError, EditRequest
 from ..evaluation.facts import FactEvaluator
-from ..models import has_module, linear_weight, prepare_tokenizer, resolve_templates, set_linear_weight, tensors_digest
+from ..models import has_module, linear_weight, prepare_tokenizer, resolve_templates, tensors_digest
 from .lm import LoadedModel
 from .methods.base import EditMethod, create_method
 from .patch import ModuleChange, Patch, PatchError, base_fingerprint, edited_digest
@@ -183,6 +183,7 @@ class Editor:
         self.prepare()
         before = self._copy_edited_weights()
         case_ids = [r.case_id for r in requests]
+        self.writer.begin_batch()
         try:
             result = self.method.edit(self.lm, requests, self.writer)
             unchanged = all(torch.equal(before[n], linear_weight(self.model.get_submodule(n))) for n in self.edited_modules)
@@ -256,8 +257,7 @@ class Editor:
         return {name: linear_weight(self.model.get_submodule(name)).detach().clone() for name in self.edited_modules}
 
     def _set_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        for name, weight in weights.items():
-            set_linear_weight(self.model.get_submodule(name), weight)
+        self.writer.put(weights)
 
     # -------------------------------------------------------------- evaluation
     def evaluation_weights(self):

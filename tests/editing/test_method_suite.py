@@ -112,6 +112,47 @@ class Recording(DeltaFilter):
         return delta
 
 
+def weights_changed_outside_the_writer(editor: Editor, batch) -> list[str]:
+    """Apply `batch` and name every parameter whose last change did not come from the writer: one
+    that changed although the writer never touched it, or whose version moved after its last write."""
+    versions = {n: p._version for n, p in editor.model.named_parameters()}
+    editor.apply(batch)
+    outside = []
+    for n, p in editor.model.named_parameters():
+        if p._version == versions[n]:
+            continue
+        module = n.removesuffix(".weight")
+        if editor.writer.versions.get(module) != p._version:
+            outside.append(n)
+    return outside
+
+
+def test_no_method_changes_a_weight_outside_the_writer(tiny_model_dir, method_factory, name):
+    """Provisional writes (MEMIT), a method's own training steps (FT), weights evaluated in place of
+    the live ones (PRUNE): every change of a weight during an edit goes through the writer."""
+    editor = make_editor(tiny_model_dir, method_factory, name, filters=[SphereProjection(0.5, 0.5)])
+    for batch in BATCHES:
+        assert weights_changed_outside_the_writer(editor, batch) == []
+        with editor.evaluation_weights():
+            editor.evaluate(batch)
+
+
+def test_the_writer_check_catches_a_method_that_writes_around_it(tiny_model_dir, method_factory):
+    """The check above is not vacuous: a method that nudges a weight itself after its writes is named."""
+    editor = make_editor(tiny_model_dir, method_factory, "memit")
+    name = editor.edited_modules[0]
+    real_edit = editor.method.edit
+
+    def edit_then_nudge(lm, requests, writer):
+        result = real_edit(lm, requests, writer)
+        with torch.no_grad():
+            lm.model.get_submodule(name).weight.mul_(1.0001)
+        return result
+
+    editor.method.edit = edit_then_nudge
+    assert weights_changed_outside_the_writer(editor, BATCHES[0]) == [name + ".weight"]
+
+
 def test_writes_happen_only_through_the_writer(tiny_model_dir, method_factory, name):
     editor = make_editor(tiny_model_dir, method_factory, name, filters=[SphereProjection(0.5, 0.5)])
     editor.apply(BATCHES[0])

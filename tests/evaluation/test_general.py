@@ -550,7 +550,7 @@ def test_perplexity_real_wikitext(tiny):
 
 
 def test_registry():
-    assert set(GENERAL_TASKS) == {"reasoning", "nli", "closed_qa", "open_qa", "perplexity"}
+    assert set(GENERAL_TASKS) == {"reasoning", "nli", "closed_qa", "open_qa", "perplexity", "fluency"}
     for name, cls in GENERAL_TASKS.items():
         assert cls.name == name
     task = create_task("open_qa", path="x", limit=3)

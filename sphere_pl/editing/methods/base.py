@@ -25,7 +25,6 @@ from ..lm import LoadedModel
 from ..stats import KeyStatistics, second_moments
 from ..value_memory import GB, MemoryBudget
 from ..values import ValueOptimization, check_value_memory, optimize_values, prepare_value_search
-from ...models import linear_weight, set_linear_weight
 from ..writer import DeltaFilter, WeightWriter
 
 log = logging.getLogger(__name__)
@@ -192,9 +191,9 @@ class LocateThenEdit(EditMethod):
 
     ``writes_each_layer`` says when the deltas reach the weights. True (AlphaEdit): each
     layer's delta goes through the writer (filters included) before the next layer's keys
-    are read. False (MEMIT's official code): each raw delta is added provisionally so the
-    next layers see it, then the weights are restored and every delta is written through
-    the writer at the end of the batch.
+    are read. False (MEMIT's official code): each raw delta is added provisionally
+    (`writer.provisionally`) so the next layers see it, then the weights are restored and
+    every delta is written through the writer at the end of the batch.
     """
 
     writes_each_layer: ClassVar[bool] = True
@@ -298,8 +297,8 @@ class LocateThenEdit(EditMethod):
 
         with lm.timer("keys"):
             reader = KeyReader(model, tok, templates, requests, self.context_groups, from_layer=min(self.layers))
-        provisional: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (weight before, delta)
-        try:
+        provisional: dict[str, torch.Tensor] = {}  # name -> delta, seen by the next layers, written at the end
+        with writer.provisionally() as add_for_now:
             for i, layer in enumerate(self.layers):
                 with lm.timer("keys"):
                     keys, current = reader.read([layer], output_layer=z_layer)
@@ -309,14 +308,9 @@ class LocateThenEdit(EditMethod):
                 if self.writes_each_layer:
                     writer.write(name, delta)
                 else:
-                    module = model.get_submodule(name)
-                    before = linear_weight(module).detach().clone()
-                    provisional[name] = (before, delta)
-                    set_linear_weight(module, before + delta.to(before.dtype))
-        finally:
-            for name, (before, _) in provisional.items():
-                set_linear_weight(model.get_submodule(name), before)
-        for name, (_, delta) in provisional.items():
+                    provisional[name] = delta
+                    add_for_now(name, delta)
+        for name, delta in provisional.items():
             writer.write(name, delta)
 
         with lm.timer("keys"):

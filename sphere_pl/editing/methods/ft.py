@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ...data.records import EditRequest
-from ...models import linear_weight, set_linear_weight
+from ...models import linear_weight
 from ...tracing import pad_id_lists
 from ..lm import LoadedModel
 from ..writer import WeightWriter
@@ -72,11 +72,9 @@ class FineTune(EditMethod):
         module = lm.model.get_submodule(name)
         original = linear_weight(module).detach().clone()
         batch, last, targets, mask = self._batch(lm, requests)
-        param = module.weight
-        optimizer = torch.optim.Adam([param], lr=self.lr, weight_decay=self.weight_decay)
         steps, loss_value = 0, float("nan")
-        param.requires_grad_(True)
-        try:
+        with writer.training(name) as param:  # the weight is put back exactly afterwards; the change is written as a delta
+            optimizer = torch.optim.Adam([param], lr=self.lr, weight_decay=self.weight_decay)
             with lm.timer("value_optimisation"):
                 for _ in range(self.num_steps):
                     loss = self._loss(lm.model, batch, last, targets, mask)
@@ -93,10 +91,6 @@ class FineTune(EditMethod):
                     if loss_value < self.early_stop_loss:
                         break
             delta = linear_weight(module).detach() - original
-        finally:
-            param.requires_grad_(False)
-            param.grad = None
-            set_linear_weight(module, original)
         writer.write(name, delta)
         return BatchEdit(info={"value_loss": loss_value, "value_steps": float(steps)})
 

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 
 from ...data.records import EditRequest
-from ...models import linear_weight, set_linear_weight
+from ...models import linear_weight
 from ..lm import LoadedModel
 from ..writer import WeightWriter
 from .base import BatchEdit, register_method
@@ -53,6 +53,9 @@ class _RawWriter:
 
     def write(self, module_name: str, delta: torch.Tensor) -> torch.Tensor:
         return self.writer.write(module_name, delta, apply_filters=False)
+
+    def __getattr__(self, name: str):  # everything else (provisional writes, ...) is the writer's own
+        return getattr(self.writer, name)
 
 
 @register_method("prune")
@@ -100,12 +103,7 @@ class PRUNE(MEMIT):
         if self.restrain != "evaluation" or not hasattr(self, "pretrained_weights"):
             yield
             return
-        names = self.edited_modules(lm.templates)
-        live = {name: linear_weight(lm.model.get_submodule(name)).detach().clone() for name in names}
-        try:
-            for i, (name, restrained) in enumerate(self.restrained_deltas(lm, writer).items()):
-                set_linear_weight(lm.model.get_submodule(name), self.pretrained_weights[i] + restrained.to(live[name].dtype))
+        dtype = self.pretrained_weights.dtype
+        restrained = {name: self.pretrained_weights[i] + delta.to(dtype) for i, (name, delta) in enumerate(self.restrained_deltas(lm, writer).items())}
+        with writer.temporarily(restrained):  # the live weights come back exactly afterwards
             yield
-        finally:
-            for name, weight in live.items():
-                set_linear_weight(lm.model.get_submodule(name), weight)
