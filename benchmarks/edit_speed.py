@@ -20,6 +20,7 @@ import argparse
 import ctypes
 import os
 import resource
+import sys
 import tempfile
 import threading
 import time
@@ -29,14 +30,16 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from sphere_pl import EditDataModule, FactMonitor, HypersphericalEnergyMonitor, SequentialEditor, SphereProjection, create_method
+from sphere_pl import EditDataModule, FactMonitor, HypersphericalEnergyMonitor, SequentialEditor, SphereProjection
 from sphere_pl.lightning import EditingStrategy
-from sphere_pl.editing import values as values_module
+from sphere_pl.editing.methods import METHODS, LocateThenEdit
 from sphere_pl.editing.stats import KeyStatistics
 from sphere_pl.editing.value_memory import PassPlan
 from sphere_pl.editing.values import ValueOptimization
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "editing"))  # the per-request value search the tests check against
+from brute_force import optimize_values_reference  # noqa: E402
 CORPUS = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-val.json"
 # value-optimisation settings: the quickstart's (SPEC's Qwen2.5-7B starting point) and the paper's LLaMA3-8B ones
@@ -92,21 +95,36 @@ class Progress(L.Callback):
         self.teardown_seconds = time.perf_counter() - self.train_end
 
 
+def with_reference_values(cls: type[LocateThenEdit]) -> type[LocateThenEdit]:
+    """`cls` with its value search replaced by the per-request reference (full forward passes, one
+    request at a time): the baseline of `--reference`. A subclass, through the method's public
+    `value_search`; ROME's reference norm is not passed on (the reference clamps by h's norm)."""
+    if not issubclass(cls, LocateThenEdit) or cls is METHODS["rome"]:  # ROME reads the search's delta
+        raise SystemExit(f"--reference needs a batched locate-then-edit method, not {cls.__name__}")
+
+    class ReferenceValues(cls):
+        def value_search(self, lm, requests, layer, reference=None):
+            with lm.timer("value_optimisation"):
+                z = optimize_values_reference(lm.model, lm.tokenizer, lm.templates, requests, self.context_groups, layer, self.values)
+            plan = PassPlan(1, False, 0, None)  # one request at a time, full forward passes
+            n = len(requests)
+            return z, {"loss": torch.zeros(n), "steps": torch.zeros(n), "delta_norm": torch.ones(n), "initial_loss": torch.ones(n), "plan": plan}
+
+    ReferenceValues.__name__ = f"Reference{cls.__name__}"
+    return ReferenceValues
+
+
 class PeakByPhase:
-    """Wraps the editor's phase timer: how much each phase raised the process's peak RSS."""
+    """Observes the editor's phase timer: how much each phase raised the process's peak RSS."""
 
-    def __init__(self, timer):
-        self.timer, self.raised = timer, {}
+    def __init__(self):
+        self.raised, self._before = {}, {}
 
-    @contextmanager
-    def __call__(self, phase: str):
-        before = peak_rss_gb()
-        with self.timer(phase):
-            yield
-        self.raised[phase] = self.raised.get(phase, 0.0) + peak_rss_gb() - before
-
-    def __getattr__(self, name):  # everything else (e.g. `seconds`) is the timer's
-        return getattr(self.timer, name)
+    def __call__(self, phase: str, event: str) -> None:
+        if event == "start":
+            self._before[phase] = peak_rss_gb()
+        else:
+            self.raised[phase] = self.raised.get(phase, 0.0) + peak_rss_gb() - self._before.pop(phase)
 
 
 class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (glibc >= 2.33)
@@ -208,33 +226,20 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the Trainer's accelerator="auto" picks the same
 
-    if args.reference:  # swap the value solver for the per-request reference (same signature, returns z only)
-        values_module_fast = values_module.optimize_values
-
-        def reference(*a, reference=None, budget=None, **k):
-            z = values_module.optimize_values_reference(*a, **k)
-            plan = PassPlan(1, False, 0, None)  # one request at a time, full forward passes
-            return z, {"loss": torch.zeros(1), "steps": torch.zeros(1), "delta_norm": torch.ones(1), "initial_loss": torch.ones(1), "plan": plan}
-
-        import sphere_pl.editing.methods.base as base_module
-
-        base_module.optimize_values = reference
-        assert values_module_fast is not reference
-
     scratch = tempfile.TemporaryDirectory(prefix="sphere_pl-edit-speed-")  # removed at exit, also on errors
     cache = os.path.join(scratch.name, "stats") if args.fresh_stats else "~/.cache/sphere_pl/stats"
     values = ValueOptimization(num_grad_steps=args.steps, requests_per_pass=args.requests_per_pass, recompute_activations=args.recompute,
                                compute_dtype=args.compute_dtype, memory_budget_gb=args.memory_budget_gb, **HPARAMS[args.hparams])
     stats = KeyStatistics(corpus=str(CORPUS), num_samples=args.stats_samples, seq_len=256, cache_dir=cache)
     if args.method == "ft":  # one down_proj (LLaMA3: layer 21 of 32; SmolLM2: 20 of 30), no statistics
-        method = create_method("ft", layer=20, num_steps=args.steps)
+        kwargs = dict(layer=20, num_steps=args.steps)
     elif args.method == "rome":
-        method = create_method("rome", layer=5, values=values, stats=stats)
+        kwargs = dict(layer=5, values=values, stats=stats)
     else:
-        extra = {"layers": args.layers} if args.layers else {}
+        kwargs = dict(values=values, stats=stats, **({"layers": args.layers} if args.layers else {}))
         if args.nullspace_threshold is not None:
-            extra["nullspace_threshold"] = args.nullspace_threshold
-        method = create_method(args.method, values=values, stats=stats, **extra)
+            kwargs["nullspace_threshold"] = args.nullspace_threshold
+    method = (with_reference_values(METHODS[args.method]) if args.reference else METHODS[args.method])(**kwargs)
     baseline = rss_gb()  # interpreter, torch, transformers, lightning imported
     allocated = AllocatedPeak().start() if args.malloc_peak else None
     start = time.perf_counter()
@@ -247,9 +252,10 @@ def main() -> None:
     else:
         editor = SequentialEditor(model_name_or_path=args.model, **settings)
     load_s = time.perf_counter() - start
-    editor.editor.lm.timer = peaks = PeakByPhase(editor.editor.lm.timer)
+    peaks = PeakByPhase()
+    editor.editor.lm.timer.observers.append(peaks)
     after_load = rss_gb()
-    marks, progress, plans = MemoryMarks(), Progress(peaks), PassPlans()
+    marks, progress, plans = MemoryMarks(), Progress(editor.editor.lm.timer), PassPlans()
     source = str(COUNTERFACT) if args.data == "counterfact" else args.data
     data = EditDataModule(source=source, num_edits=args.batch, dataset_size_limit=args.edits, num_holdout=2, shuffle=False)
     trainer = L.Trainer(
@@ -270,7 +276,7 @@ def main() -> None:
     if allocated:
         allocated.stop()
 
-    seconds = dict(peaks.timer.seconds)
+    seconds = dict(editor.editor.lm.timer.seconds)
     n = editor.editor.edits_applied
     # one-off costs: statistics (cached after the first run) and the rest of set-up
     # (null-space projectors, context templates); "setup" includes "statistics"

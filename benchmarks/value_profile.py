@@ -20,7 +20,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sphere_pl import load_edit_requests, load_model_and_tokenizer
-from sphere_pl.editing import values as values_module
 from sphere_pl.editing.keys import GENERATION_PREFIXES, generate_context_templates
 from sphere_pl.editing.values import ValueOptimization, optimize_values
 from sphere_pl.models import resolve_templates
@@ -44,24 +43,6 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-class PaddingCount:
-    """Counts real and padded suffix/prefix token slots of every pass the runner makes."""
-
-    def __init__(self):
-        self.slots = defaultdict(int)
-        original = values_module.SuffixRunner.run
-
-        def run(runner, rows, add):
-            prefix, suffix = int(runner.split[rows].max()), int(runner.suffix_len[rows].max())
-            self.slots["suffix real"] += int(runner.suffix_len[rows].sum())
-            self.slots["suffix padded"] += len(rows) * suffix
-            self.slots["prefix real"] += int(runner.split[rows].sum())
-            self.slots["prefix padded"] += len(rows) * prefix
-            return original(runner, rows, add)
-
-        values_module.SuffixRunner.run = run
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=100)
@@ -77,7 +58,6 @@ def main() -> None:
     templates = resolve_templates(model)
     contexts = generate_context_templates(model, tok, 10, list(GENERATION_PREFIXES), 0)
     requests = load_edit_requests(str(COUNTERFACT))[: args.records]
-    padding = PaddingCount()
     print(f"SmolLM2-135M-Instruct, {len(requests)} CounterFact records, layer {args.layer}, {args.steps} steps, paper hyper-parameters "
           f"(lr 0.1, clamp 0.75, weight decay 0.5), {torch.get_num_threads()} thread(s); CPU ms per edit")  # fmt: skip
     rows = {}
@@ -85,18 +65,20 @@ def main() -> None:
         batch, per_pass = (int(x) for x in spec.split(":"))
         hp = ValueOptimization(num_grad_steps=args.steps, lr=0.1, clamp_norm_factor=0.75, weight_decay=0.5, requests_per_pass=per_pass,
                                recompute_activations=args.recompute)
-        padding.slots.clear()
+        slots = defaultdict(int)  # the token slots the upper blocks computed: optimize_values reports them
         cpu = time.process_time()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for start in range(0, len(requests), batch):
-                optimize_values(model, tok, templates, requests[start : start + batch], contexts, args.layer, hp)
+                _, info = optimize_values(model, tok, templates, requests[start : start + batch], contexts, args.layer, hp)
+                for kind, count in info["token_slots"].items():
+                    slots[kind] += count
         cpu = time.process_time() - cpu
         by_kind = defaultdict(float)
         for event in prof.key_averages():
             by_kind[kind_of(event.key)] += event.self_cpu_time_total / 1e3  # ms
         row = {k: v / len(requests) for k, v in by_kind.items()}
         row["total (process CPU, profiled)"] = cpu * 1e3 / len(requests)
-        s = padding.slots
+        s = slots
         row["suffix slots that are padding (%)"] = 100 * (1 - s["suffix real"] / s["suffix padded"])
         row["prefix slots that are padding (%)"] = 100 * (1 - s["prefix real"] / s["prefix padded"])
         rows[f"batch {batch}, {per_pass} per pass"] = row

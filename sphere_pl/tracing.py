@@ -271,6 +271,8 @@ class SuffixRunner:
         self.suffix_hidden = hidden.gather(1, gather[..., None].expand(-1, -1, hidden.shape[-1]))
         self.prefix_mask = (torch.arange(self.prefix_len, device=device)[None, :] < split[:, None]).long()
         self.kv = None
+        # token slots every `run` computed, real and padded (0-dim tensors: counting costs no device sync)
+        self.token_slots = {"suffix real": 0, "suffix padded": 0, "prefix real": 0, "prefix padded": 0}
         if self.prefix_len:
             # Pure causal attention here: real prefix tokens never see the padding after them,
             # and padding rows stay finite (they are masked out when the suffix runs).
@@ -294,6 +296,11 @@ class SuffixRunner:
         """
         prefix = int(self.split[rows].max())
         suffix = int(self.suffix_len[rows].max())
+        slots = self.token_slots
+        slots["suffix real"] = slots["suffix real"] + self.suffix_len[rows].sum()
+        slots["suffix padded"] += len(rows) * suffix
+        slots["prefix real"] = slots["prefix real"] + self.split[rows].sum()
+        slots["prefix padded"] += len(rows) * prefix
         hidden = self.suffix_hidden[rows, :suffix]
         hidden = torch.cat([hidden[:, :1] + add_at_split[:, None].to(hidden.dtype), hidden[:, 1:]], dim=1)
         kwargs = {"use_cache": False}

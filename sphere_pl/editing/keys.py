@@ -119,19 +119,3 @@ class KeyReader:
             return keys, None
         bare_outputs = rearrange(torch.cat(outputs), "(n c) d -> n c d", n=self.n)[:, 0]  # context 0 is the bare prompt
         return keys, bare_outputs
-
-
-def compute_keys(
-    model,
-    tokenizer,
-    templates: ModuleTemplates,
-    requests: list[EditRequest],
-    context_groups: list[list[str]],
-    key_layers: list[int],
-    output_layer: int | None = None,
-    batch_size: int = 16,
-):
-    """One read of a `KeyReader` starting at the lowest layer asked for."""
-    lowest = min(key_layers + ([output_layer] if output_layer is not None else []))
-    reader = KeyReader(model, tokenizer, templates, requests, context_groups, lowest, batch_size)
-    return reader.read(key_layers, output_layer)

@@ -18,14 +18,19 @@ class PhaseTimer:
     """Accumulates wall time per named phase (CUDA-synchronised), for the speed benchmark.
 
     At the end of each phase the CPU heap's free pages go back to the system (`trim_heap`), so
-    that the next phase's peak does not stack on what this one freed.
+    that the next phase's peak does not stack on what this one freed. `observers` (callables
+    `(phase, "start" | "end")`) are told, outside the timed span, when a phase starts and ends:
+    a benchmark measures what else it wants per phase (memory peaks) without wrapping the timer.
     """
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
+        self.observers: list = []
 
     @contextmanager
     def __call__(self, phase: str):
+        for observer in self.observers:
+            observer(phase, "start")
         self._sync()
         start = time.perf_counter()
         try:
@@ -34,6 +39,8 @@ class PhaseTimer:
             self._sync()
             self.seconds[phase] += time.perf_counter() - start
             trim_heap()  # outside the timed span
+            for observer in self.observers:
+                observer(phase, "end")
 
     @staticmethod
     def _sync():

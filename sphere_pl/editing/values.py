@@ -20,8 +20,8 @@ hence requests can also be split into groups of any size (`requests_per_pass`, w
 the memory) without changing the result. By default (`recompute_activations`) the backward
 pass re-runs each upper block rather than keeping its intermediates: the same numbers, a
 fraction of the memory, one more forward pass of those blocks per step.
-`optimize_values_reference` is the straightforward per-request version, kept for tests and
-for the benchmark's baseline.
+The tests compare it with a straightforward per-request version (full forward passes, full
+logits) in tests/editing/brute_force.py, which `benchmarks/edit_speed.py --reference` also times.
 """
 
 from __future__ import annotations
@@ -263,7 +263,8 @@ def optimize_values(
     reference: torch.Tensor | None = None, budget: MemoryBudget | None = None,
 ):
     """Target values z (n, d_model) for all requests. Returns (z, info), both in the order of `requests`;
-    `info["plan"]` is the `PassPlan` the batch ran with.
+    `info["plan"]` is the `PassPlan` the batch ran with; `info["token_slots"]` counts the token
+    slots the upper blocks computed, real and padded (what the grouping by length saves).
 
     Each request's search depends only on its own loss (Adam and the clamp act per element
     and per row, early stopping per request), so requests are solved in passes of a few, one
@@ -299,8 +300,9 @@ def optimize_values(
             trim_heap()  # the next group's tensors have other shapes
     back = torch.argsort(torch.tensor(order))  # position in `order` of each request
     z = torch.cat(zs)[back.to(zs[0].device)]
-    info = {key: torch.cat([i[key] for i in infos])[back.to(infos[0][key].device)] for key in infos[0]}
+    info = {key: torch.cat([i[key] for i in infos])[back.to(infos[0][key].device)] for key in infos[0] if key != "token_slots"}
     info["plan"] = plan
+    info["token_slots"] = {k: sum(i["token_slots"][k] for i in infos) for k in infos[0]["token_slots"]}
     return z, info
 
 
@@ -505,62 +507,6 @@ def _optimize_group(
         active = stepping
 
     z = (h_init + delta.detach()).to(dtype)
-    return z, {"steps": steps, "loss": final_loss, "initial_loss": initial_loss, "delta_norm": delta.detach().norm(dim=-1).cpu(), "delta": delta.detach()}
-
-
-def optimize_values_reference(model, tokenizer, templates: ModuleTemplates, requests: list[EditRequest], context_groups, layer: int, hp: ValueOptimization):
-    """One request at a time with full forward passes and full logits: slow, obviously right."""
-    loss_layer = _check_layers(model, templates, layer, hp)
-    device = next(model.parameters()).device
-    lm_head = model.get_submodule(templates.lm_head)
-    num_layers = len(model.get_submodule(templates.layers))
-    zs = []
-    for request in requests:
-        contexts = [c for g in context_groups for c in g]
-        p = _build_problem([_tokenize_request(tokenizer, request, contexts)], tokenizer.pad_token_id, device)
-        delta = torch.zeros(model.config.hidden_size, device=device, dtype=_wide(lm_head.weight).dtype, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=hp.lr)
-        state = {}
-
-        def add_delta(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            if "h" not in state:
-                state["h"] = _wide(hidden[p.init_seq[0], p.lookup[p.init_seq[0]]].detach()).clone()
-            rows = torch.arange(hidden.shape[0], device=device)
-            hidden = hidden.index_put((rows, p.lookup), delta.to(hidden.dtype).expand(len(rows), -1), accumulate=True)
-            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
-
-        handle = model.get_submodule(templates.layer_at(layer)).register_forward_hook(add_delta)
-        kl_init = None
-        try:
-            for it in range(hp.num_grad_steps):
-                out = model(**p.batch, output_hidden_states=True, use_cache=False)
-                if loss_layer == num_layers - 1:
-                    logits = out.logits
-                else:
-                    logits = lm_head(model.get_submodule(templates.final_norm)(out.hidden_states[loss_layer + 1]))
-                all_log_probs = torch.log_softmax(_wide(logits), dim=-1)
-                nll_terms = -all_log_probs[p.target_seq, p.target_pos, p.target_label]
-                rewriting = (~p.is_kl).nonzero().squeeze(1)
-                per_seq = nll_terms.new_zeros(p.seq_request.shape[0]).index_add(0, p.target_seq, nll_terms)
-                nll = (per_seq[rewriting] / p.target_len[0]).mean()
-                kl_seq = p.is_kl.nonzero().squeeze(1)
-                kl_lp = torch.log_softmax(_wide(logits[kl_seq, p.lookup[kl_seq]]), dim=-1)
-                if kl_init is None:
-                    kl_init = kl_lp.detach().clone()
-                kl = (kl_lp.exp() * (kl_lp - kl_init)).sum()  # KL(edited || original)
-                h_norm = state["h"].norm()
-                loss = nll + hp.kl_factor * kl + hp.weight_decay * delta.norm() / h_norm**2
-                if loss.item() < hp.early_stop_loss or it == hp.num_grad_steps - 1:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    max_norm = hp.clamp_norm_factor * h_norm
-                    if delta.norm() > max_norm:
-                        delta.mul_(max_norm / delta.norm())
-        finally:
-            handle.remove()
-        zs.append(state["h"] + delta.detach())
-    return torch.stack(zs)
+    slots = {k: int(v) for k, v in runner.token_slots.items()}
+    return z, {"steps": steps, "loss": final_loss, "initial_loss": initial_loss, "delta_norm": delta.detach().norm(dim=-1).cpu(), "delta": delta.detach(),
+               "token_slots": slots}

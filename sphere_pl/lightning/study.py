@@ -176,13 +176,23 @@ class Study:
         path = self.variant_dir(variant) / STATUS
         return json.loads(path.read_text()) if path.exists() else {"status": "not started"}
 
-    def run(self) -> int:
-        """Every unfinished variant, one after another; the report after each. Returns the exit status."""
+    def select(self, names: list[str]) -> list[Variant]:
+        """The variants named (in the study's order); an unknown name is an error."""
+        known = [v.name for v in self.variants]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise StudyConfigError(f"{self.source}: no variant named {', '.join(map(repr, unknown))} (variants: {', '.join(known)})")
+        return [v for v in self.variants if v.name in names]
+
+    def run(self, only: list[str] | None = None) -> int:
+        """Every unfinished variant (or those in `only`), one after another; the report after each.
+        Returns the exit status."""
+        chosen = self.select(only) if only else self.variants
         self.directory.mkdir(parents=True, exist_ok=True)
-        for variant in self.variants:  # every config checked before the first edit of any variant
+        for variant in chosen:  # every config checked before the first edit of any variant
             self.prepare(variant)
         stopped = _Forwarder()
-        for variant in self.variants:
+        for variant in chosen:
             if self.status(variant)["status"] == "done":
                 print(f"study {self.name}: {variant.name}: done, skipped", flush=True)
                 continue
@@ -194,7 +204,7 @@ class Study:
             if code != 0:
                 print(f"study {self.name}: {variant.name} failed (exit {code}); going on with the others", file=sys.stderr, flush=True)
         write_report(self)
-        failed = [v.name for v in self.variants if self.status(v)["status"] == "failed"]
+        failed = [v.name for v in chosen if self.status(v)["status"] == "failed"]
         return 1 if failed else 0
 
     def _run_variant(self, variant: Variant, stopped: "_Forwarder") -> int:
@@ -265,7 +275,7 @@ def seconds_per_edit(directory: Path) -> float | None:
     return sum(seconds.values()) / summary["edits"] if summary.get("edits") else None
 
 
-POINT_METRICS = (protocol.EDITED_SO_FAR, protocol.NEVER_EDITED, protocol.GENERAL)
+POINT_METRICS = (protocol.LAST_BATCH, protocol.EDITED_SO_FAR, protocol.NEVER_EDITED, protocol.GENERAL)
 
 
 def write_report(study: Study) -> Path:
@@ -487,12 +497,13 @@ def run_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m sphere_pl study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the study's YAML file")
     parser.add_argument("--report", action="store_true", help="only rebuild report.md, report.csv and the plots from what is on disk")
+    parser.add_argument("--variants", nargs="+", metavar="NAME", help="run only these variants (default: all)")
     args = parser.parse_args(argv)
     try:
         study = Study.load(args.config)
         if args.report:
             print(f"wrote {write_report(study)}")
             return 0
-        return study.run()
+        return study.run(args.variants)
     except StudyConfigError as e:
         raise SystemExit(f"error: {e}\nhint: fix the study config; nothing was edited") from None

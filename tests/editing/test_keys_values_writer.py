@@ -2,7 +2,7 @@
 
 Every check compares the library with something computed separately here: float64 brute
 force (full forward passes with hooks, explicit matrices, token search by hand) or the
-library's own slow reference implementation. Tiny models only (milliseconds per forward).
+slow per-request value search in brute_force.py. Tiny models only (milliseconds per forward).
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from conftest import CONTEXT_TEMPLATES
 from sphere_pl.editing.lm import LoadedModel
 from sphere_pl.editing.methods import BatchEdit, EditMethod
 from sphere_pl.editing.writer import NonFiniteUpdateError, WeightWriter
-from sphere_pl.editing.keys import compute_keys
-from sphere_pl.editing.values import ValueOptimization, optimize_values, optimize_values_reference
+from sphere_pl.editing.values import ValueOptimization, optimize_values
 from helpers import tiny_llama
 from sphere_pl.models import linear_weight, resolve_templates
 from sphere_pl.sphere.projection import SphereProjection
@@ -31,7 +30,9 @@ from sphere_pl.data.records import EditRequest
 from sphere_pl.editing.stats import KeyStatistics, second_moments
 from sphere_pl.tracing import run_from_layer
 
-from brute_force import _brute_force_block_output, _brute_force_keys, _rel_err, _single_forward_reads, _subject_last_index
+from brute_force import (
+    _brute_force_block_output, _brute_force_keys, _rel_err, _single_forward_reads, _subject_last_index, compute_keys, optimize_values_reference,
+)
 
 VOCAB = 257  # the byte tokenizer's vocabulary (256 bytes + <eos>)
 
@@ -105,6 +106,25 @@ def test_value_loss_kl_is_edited_given_original_like_the_official_code(tok, floa
     assert torch.allclose(with_kl - without_kl, expected, rtol=1e-12, atol=1e-12)
     reverse = F.kl_div(kl_log_probs, kl_init, log_target=True, reduction="none").sum(-1)
     assert not torch.allclose(with_kl - without_kl, reverse, rtol=1e-3)  # the other direction differs here
+
+
+def test_the_token_slots_reported_are_those_of_the_passes_run(tok):
+    """info["token_slots"]: with every request in one pass and no early stop, each of the steps runs every
+    sequence, padded to the longest prefix (up to the subject's last token) and the longest suffix."""
+    model = tiny_llama()
+    requests = REQUESTS + SECOND_BATCH
+    hp = ValueOptimization(num_grad_steps=3, lr=0.1, early_stop_loss=-1.0, requests_per_pass=len(requests), recompute_activations=False)
+    _, info = optimize_values(model, tok, resolve_templates(model), requests, GROUPS, 2, hp)
+    contexts = [c for group in GROUPS for c in group]
+    sequences = []  # (length, position of the subject's last token) of every sequence the search runs
+    for r in requests:
+        tokens = values_module._tokenize_request(tok, r, contexts)
+        sequences += [(len(ids), at) for ids, at in zip(tokens.ids, tokens.lookup)]
+    n = len(sequences)
+    expected = {"suffix real": sum(length - at for length, at in sequences), "prefix real": sum(at for _, at in sequences),
+                "suffix padded": n * max(length - at for length, at in sequences), "prefix padded": n * max(at for _, at in sequences)}
+    assert info["token_slots"] == {k: 3 * v for k, v in expected.items()}
+    assert expected["suffix padded"] > expected["suffix real"]  # padding is counted, not assumed away
 
 
 @pytest.mark.parametrize("requests_per_pass, recompute", [(1, True), (2, True), (2, False)])

@@ -133,8 +133,15 @@ def test_a_killed_study_resumes_its_unfinished_variant_exactly_and_skips_the_fin
 
 def test_a_failing_variant_is_recorded_and_the_others_go_on(tiny_model_dir, stats_cache, tmp_path):
     variants = [{"name": "broken", "overrides": {"model.method.init_args.values.lr": 1e30}}, {"name": "fine"}]
-    result = study(write_study(tmp_path, tiny_model_dir, stats_cache, variants), tmp_path)
-    assert result.returncode == 1
+    path = write_study(tmp_path, tiny_model_dir, stats_cache, variants)
+    unknown = study(path, tmp_path, "--variants", "fine", "finee")
+    assert unknown.returncode == 1 and "no variant named 'finee' (variants: broken, fine)" in unknown.stderr
+    assert not (tmp_path / "study").exists()
+    only = study(path, tmp_path, "--variants", "fine")  # a subset: only that one runs
+    assert only.returncode == 0, only.stderr[-3000:]
+    assert "broken" not in only.stdout and not (tmp_path / "study" / "broken" / "status.json").exists()
+    result = study(path, tmp_path)
+    assert result.returncode == 1 and "fine: done, skipped" in result.stdout
     broken = json.loads((tmp_path / "study" / "broken" / "status.json").read_text())
     assert broken["status"] == "failed" and "target values did not move" in broken["error"]
     assert json.loads((tmp_path / "study" / "fine" / "status.json").read_text())["status"] == "done"
@@ -166,3 +173,22 @@ def test_a_study_directory_holding_another_studys_runs_is_refused(tiny_model_dir
     assert result.returncode == 1
     assert "error: variant 'a': " in result.stderr and "holds a run made with other settings (field data.seed: 0 then, 7 now)" in result.stderr
     assert all(torch.equal(before[k], v) for k, v in final_weights(tmp_path / "study" / "a").items())
+
+
+SHIPPED_STUDIES = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_STUDIES, ids=lambda p: p.stem)
+def test_every_shipped_study_config_passes_its_settings_check(path, tmp_path, monkeypatch):
+    """The settings check a study runs before any edit, on every study in benchmarks/studies (run from
+    the repository root, as their comments say): a variant named `+sphere` has the projection, the others none."""
+    from sphere_pl.lightning.study import Study
+
+    monkeypatch.chdir(path.parents[2])
+    study = Study.load(path)
+    study.directory = tmp_path / "study"
+    for variant in study.variants:
+        config = study.prepare(variant)
+        filters = config["model"]["filters"] or []
+        assert bool(filters) == variant.name.endswith("+sphere"), variant.name
+        assert config["data"]["source"].startswith("../shared/data/")
