@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from sphere_pl import load_model_and_tokenizer
-from sphere_pl.editing import stats as stats_module
+from sphere_pl.editing.lm import PhaseTimer
 from sphere_pl.editing.stats import KeyStatistics, accumulate_moments, model_fingerprint
 from sphere_pl.models import resolve_templates
 
@@ -56,25 +56,13 @@ def main() -> None:
         model.to(device)
     templates = resolve_templates(model)
     after_load = peak_rss_gb()
-    reporting = {"seconds": 0.0, "calls": 0}  # the convergence reports (an eigvalsh per layer), timed apart
-    convergence_rows = stats_module._convergence_rows
-
-    def timed_rows(*a, **k):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = convergence_rows(*a, **k)
-        reporting["seconds"] += time.perf_counter() - start
-        reporting["calls"] += 1
-        return out
-
-    stats_module._convergence_rows = timed_rows
+    timer = PhaseTimer()  # the convergence reports (an eigvalsh per layer), timed apart
     with tempfile.TemporaryDirectory() as cache:
         cfg = KeyStatistics(corpus=str(CORPUS), num_samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size,
                             cache_dir=cache, accumulate_dtype=args.accumulate_dtype, checkpoint_every=0)  # fmt: skip
         fingerprints = {layer: model_fingerprint(model, templates, layer) for layer in args.layers}
         start = time.perf_counter()
-        _, tokens, convergence = accumulate_moments(model, tokenizer, templates, args.layers, cfg, fingerprints, f"{cache}/partial.safetensors")
+        _, tokens, convergence = accumulate_moments(model, tokenizer, templates, args.layers, cfg, fingerprints, f"{cache}/partial.safetensors", timer=timer)
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -85,8 +73,8 @@ def main() -> None:
           f"sums in {args.accumulate_dtype}")  # fmt: skip
     print(f"{tokens} tokens in {seconds:.1f} s: {rate:.0f} tokens/s; official code on this machine: {OFFICIAL_TOKENS_PER_SECOND:.0f} tokens/s "
           f"(ratio {rate / OFFICIAL_TOKENS_PER_SECOND:.1f}x)")  # fmt: skip
-    report_s = reporting["seconds"]
-    print(f"of which convergence reports: {report_s:.1f} s ({reporting['calls']} reports x {len(args.layers)} layers: C0 in float64, "
+    report_s = timer.seconds["convergence_report"]
+    print(f"of which convergence reports: {report_s:.1f} s ({len(convergence) // len(args.layers)} reports x {len(args.layers)} layers: C0 in float64, "
           f"eigvalsh); forward and sums alone: {tokens / (seconds - report_s):.0f} tokens/s")
     print(f"peak RSS {peak_rss_gb():.2f} GB (after loading the model: {after_load:.2f} GB)")
     if device == "cuda":

@@ -8,6 +8,8 @@ of the weights below and at the layer (C0 depends on all of them) match.
 
 from __future__ import annotations
 
+import contextlib
+
 import glob
 import hashlib
 import itertools
@@ -241,7 +243,10 @@ def _convergence_rows(sums, previous, count_tensor, layers, batches, sequences, 
 
 
 @torch.no_grad()
-def accumulate_moments(model, tokenizer, templates: ModuleTemplates, layers: list[int], cfg: KeyStatistics, fingerprints: dict[int, str], partial_path: str):
+def accumulate_moments(
+    model, tokenizer, templates: ModuleTemplates, layers: list[int], cfg: KeyStatistics, fingerprints: dict[int, str], partial_path: str,
+    timer=None,
+):
     """Σ k kᵀ / n over `cfg.num_samples` sequences for `layers`, in one forward per batch.
 
     - Sharded: under DDP (an initialised process group) rank r takes the batches b with
@@ -253,6 +258,7 @@ def accumulate_moments(model, tokenizer, templates: ModuleTemplates, layers: lis
       the last report and the number of its eigenvalues below `cfg.nullspace_threshold` are
       logged and returned (rows of dicts), so a user sees when more samples stop mattering.
       (The first report after a resume has no earlier estimate to compare with: NaN.)
+    - `timer` (a `PhaseTimer`, optional) times the reports apart, as phase "convergence_report".
 
     Returns ({layer: C0 float32 CPU}, tokens, convergence rows).
     """
@@ -304,7 +310,8 @@ def accumulate_moments(model, tokenizer, templates: ModuleTemplates, layers: lis
                     sums[layer] += keys.T @ keys
                 count += ids.numel()
             if finished & (finished - 1) == 0:  # 1, 2, 4, 8, ... batches
-                rows, previous = _convergence_rows(sums, previous, count, layers, finished, done_sequences, cfg)
+                with timer("convergence_report") if timer is not None else contextlib.nullcontext():
+                    rows, previous = _convergence_rows(sums, previous, count, layers, finished, done_sequences, cfg)
                 convergence, reported = convergence + rows, finished
             if every and finished % every == 0 and finished < batches:
                 _save_partial(partial_path, {
@@ -312,7 +319,8 @@ def accumulate_moments(model, tokenizer, templates: ModuleTemplates, layers: lis
                     "sums": {str(k): v for k, v in sums.items()}, "convergence": convergence,
                 })  # fmt: skip
     if finished and reported != finished:  # and at the end
-        rows, previous = _convergence_rows(sums, previous, count, layers, finished, done_sequences, cfg)
+        with timer("convergence_report") if timer is not None else contextlib.nullcontext():
+            rows, previous = _convergence_rows(sums, previous, count, layers, finished, done_sequences, cfg)
         convergence += rows
     total = int(_all_reduce(count.clone()))
     if total == 0:

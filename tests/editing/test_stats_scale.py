@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import tiny_llama, tiny_tokenizer
+from sphere_pl.editing.lm import PhaseTimer
 from sphere_pl.editing.stats import KeyStatistics, accumulate_moments, model_fingerprint, second_moments
 from sphere_pl.models import resolve_templates
 
@@ -89,8 +90,10 @@ def test_convergence_is_reported_at_doubling_sample_counts(tmp_path, caplog):
     templates = resolve_templates(model)
     cfg = small_stats(tmp_path)
     fingerprints = {layer: model_fingerprint(model, templates, layer) for layer in LAYERS}
+    timer = PhaseTimer()
     with caplog.at_level("INFO", logger="sphere_pl.editing.stats"):
-        moments, _, rows = accumulate_moments(model, tok, templates, LAYERS, cfg, fingerprints, str(tmp_path / "p.safetensors"))
+        moments, _, rows = accumulate_moments(model, tok, templates, LAYERS, cfg, fingerprints, str(tmp_path / "p.safetensors"), timer=timer)
+    assert set(timer.seconds) == {"convergence_report"} and timer.seconds["convergence_report"] > 0  # the reports, timed apart
     expected = brute_force(tiny_llama(seed=0), tok, cfg)
     for layer in LAYERS:
         mine = [r for r in rows if r["layer"] == layer]
@@ -144,3 +147,15 @@ def test_two_gloo_processes_give_the_single_process_c0(tmp_path):
     assert len(cached) == len(LAYERS)
     report = torch.load(cached[0], weights_only=True)["convergence"]
     assert json.loads(json.dumps(report))[-1]["tokens"] == 24 * 32
+
+
+def test_phase_timer_observers_are_told_each_phase_start_and_end_outside_the_timed_span():
+    timer, events = PhaseTimer(), []
+    timer.observers.append(lambda phase, event: events.append((phase, event, dict(timer.seconds))))
+    with timer("keys"):
+        pass
+    with pytest.raises(RuntimeError), timer("solve"):
+        raise RuntimeError("a failing phase still ends")
+    assert [(p, e) for p, e, _ in events] == [("keys", "start"), ("keys", "end"), ("solve", "start"), ("solve", "end")]
+    assert "keys" not in events[0][2] and "keys" in events[1][2]  # the end comes after the phase's seconds are counted
+    assert "solve" in events[3][2]
