@@ -9,7 +9,8 @@ downloaded once into `cache_dir` and reused afterwards. Three schemas are unders
 * ``mend_counterfact``: the flat MEND/EasyEdit split, ``{case_id, prompt, subject,
   target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth}``.
 * ``zsre``: MEND-format ZsRE question answering, ``{subject, src, rephrase, alt, answers[],
-  loc, loc_ans}`` (no case_id: the record's position is used).
+  loc, loc_ans}`` (no case_id: the record's position is used). The edit teaches ``answers[0]``
+  as the paper's code does, or ``alt`` with `zsre_target="alt"` (MEND's and EasyEdit's).
 
 Every record is checked before anything is returned; a bad record raises `EditDataError`
 naming its case_id (or ``#index`` when it has none) and the offending field.
@@ -17,6 +18,7 @@ naming its case_id (or ``#index`` when it has none) and the offending field.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -207,22 +209,36 @@ def read_mend_counterfact_record(raw: dict, index: int, source: str | None = Non
     )
 
 
-def read_zsre_record(raw: dict, index: int, source: str | None = None) -> EditRequest:
+ZSRE_TARGETS = {
+    "answer": "the gold answer answers[0] (the paper's and the ROME/MEMIT lineage's: the model is taught the answer)",
+    "alt": "the MEND alternative alt (MEND's and EasyEdit's: the model is taught another answer)",
+}
+#: the official loader's placeholder for the "true" target under the `answer` convention; ZsRE scores
+#: token accuracy of the new target, so it is never compared against
+ZSRE_NO_TRUE_TARGET = "<|endoftext|>"
+
+
+def read_zsre_record(raw: dict, index: int, source: str | None = None, target: str = "answer") -> EditRequest:
     """One MEND-format ZsRE record ``{subject, src, rephrase, alt, answers[], loc, loc_ans}``.
 
     Such files have no case_id: it is the record's position (as ROME/MEMIT's loader does),
     unless the record has one. The question ``src`` with its subject replaced by ``{}`` is the
-    prompt, ``alt`` the new target and ``answers[0]`` the original one (kept for reference;
-    ZsRE scores token accuracy, not a comparison). ``rephrase`` is the paraphrase, and the
-    unrelated question ``loc`` + "?" with answer ``loc_ans`` the neighborhood check.
+    prompt. `target` chooses what the edit teaches (`ZSRE_TARGETS`): ``answer`` (default, as the
+    paper's code, `dsets/zsre.py`) edits towards ``answers[0]``, with the official loader's
+    placeholder as the "true" target; ``alt`` edits towards ``alt`` with ``answers[0]`` as the true
+    one. ``rephrase`` is the paraphrase, and the unrelated question ``loc`` + "?" with answer
+    ``loc_ans`` the neighborhood check. The subject's first occurrence becomes the placeholder (the
+    official loader replaces every occurrence, and then refuses a template with more than one).
     """
+    if target not in ZSRE_TARGETS:
+        raise ValueError(f"unknown ZsRE target convention {target!r}; choose one of {sorted(ZSRE_TARGETS)}")
     cid = raw.get("case_id")
     cid = index if cid is None else _case_id(raw, index, source)
 
     def field(name: str) -> str:
         return _string(_get(raw, name, cid, name, source), cid, name, source)
 
-    src, subject, alt = field("src"), field("subject"), field("alt")
+    src, subject = field("src"), field("subject")
     rephrase, loc, loc_ans = field("rephrase"), field("loc"), field("loc_ans")
     answers = _get(raw, "answers", cid, "answers", source)
     if not isinstance(answers, (list, tuple)) or not answers:
@@ -232,13 +248,16 @@ def read_zsre_record(raw: dict, index: int, source: str | None = None) -> EditRe
         raise EditDataError(cid, "src", f"contains braces, cannot build a template: {src!r}", source)
     if subject not in src:
         raise EditDataError(cid, "subject", f"{subject!r} does not occur in src {src!r}", source)
+    # `alt` is read only where it is the target: the official loader never reads it (two records of the
+    # MEND file have an empty one)
+    new, true = (answer, ZSRE_NO_TRUE_TARGET) if target == "answer" else (field("alt"), answer)
     return _build(
         cid,
         source,
         prompt=src.replace(subject, "{}", 1),
         subject=subject,
-        target_new=alt,
-        target_true=answer,
+        target_new=new,
+        target_true=true,
         paraphrase_prompts=(rephrase,),
         neighborhood_prompts=(loc + "?",),
         neighborhood_true=loc_ans,
@@ -347,6 +366,7 @@ def load_edit_requests(
     cache_dir: str | None = None,
     limit: int | None = None,
     on_bad_record: str = "fatal",
+    zsre_target: str = "answer",
 ) -> list[EditRequest]:
     """Read and validate edit requests from a local JSON/JSONL file or an http(s) URL.
 
@@ -357,6 +377,8 @@ def load_edit_requests(
     limit: keep only the first `limit` records; those kept are validated.
     on_bad_record: "fatal" (default) raises on the first bad record; "skip" leaves bad records
     out with a warning that names each of them (they are never edited or scored).
+    zsre_target: what a ZsRE record's edit teaches, "answer" (answers[0], the paper's) or "alt"
+    (MEND's and EasyEdit's); see `read_zsre_record`.
 
     Raises FileNotFoundError for a missing local file, EditSourceError for an unreadable or
     malformed source (or an undetectable schema), and EditDataError for a bad record
@@ -366,6 +388,8 @@ def load_edit_requests(
     source = os.fspath(source)
     if schema != "auto" and schema not in READERS:
         raise ValueError(f"unknown edit data schema {schema!r}; choose 'auto' or one of {sorted(READERS)}")
+    if zsre_target not in ZSRE_TARGETS:
+        raise ValueError(f"unknown ZsRE target convention {zsre_target!r}; choose one of {sorted(ZSRE_TARGETS)}")
     if on_bad_record not in ("fatal", "skip"):
         raise ValueError(f"on_bad_record must be 'fatal' or 'skip', got {on_bad_record!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
@@ -379,7 +403,7 @@ def load_edit_requests(
     if limit is not None and limit < len(ds):
         ds = ds.select(range(limit))
 
-    reader = READERS[schema]
+    reader = functools.partial(read_zsre_record, target=zsre_target) if schema == "zsre" else READERS[schema]
     requests: list[EditRequest] = []
     seen: dict[Any, int] = {}
     skipped: list[str] = []

@@ -12,7 +12,7 @@ import random
 
 import lightning as L
 
-from ..data.readers import NAMED_SOURCES, QUICKSTART, load_edit_requests
+from ..data.readers import NAMED_SOURCES, QUICKSTART, ZSRE_TARGETS, load_edit_requests
 from ..data.records import EditBatch, EditRequest
 
 
@@ -70,6 +70,8 @@ class EditDataModule(L.LightningDataModule):
         path, or any URL.
     schema: "auto", "counterfact" (full / multi-CounterFact), "mend_counterfact" (flat) or "zsre" (MEND).
     on_bad_record: "fatal" stops at a malformed record; "skip" leaves it out with a warning naming it.
+    zsre_target: what a ZsRE edit teaches: "answer" (answers[0], as the paper's code) or "alt"
+        (the MEND alternative, as MEND and EasyEdit).
     dataset_size_limit: edit only the first N records (None: all but the held-out ones).
     num_edits: requests per edit batch.
     num_holdout: never-edited records, for specificity checks: taken right after the edit set,
@@ -85,6 +87,7 @@ class EditDataModule(L.LightningDataModule):
         source: str = QUICKSTART,
         schema: str = "auto",
         on_bad_record: str = "fatal",
+        zsre_target: str = "answer",
         dataset_size_limit: int | None = None,
         num_edits: int = 10,
         num_holdout: int = 10,
@@ -102,6 +105,9 @@ class EditDataModule(L.LightningDataModule):
         if on_bad_record not in ("fatal", "skip"):
             raise ValueError(f"data.on_bad_record must be 'fatal' or 'skip', got {on_bad_record!r}")
         self.on_bad_record = on_bad_record
+        if zsre_target not in ZSRE_TARGETS:
+            raise ValueError(f"data.zsre_target must be one of {sorted(ZSRE_TARGETS)} (what a ZsRE edit teaches), got {zsre_target!r}")
+        self.zsre_target = zsre_target
         self.dataset_size_limit = dataset_size_limit
         self.num_edits = num_edits
         self.num_holdout = num_holdout
@@ -117,7 +123,8 @@ class EditDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.edit_requests:
             return
-        records = load_edit_requests(self.source, schema=self.schema, cache_dir=self.cache_dir, on_bad_record=self.on_bad_record)
+        records = load_edit_requests(self.source, schema=self.schema, cache_dir=self.cache_dir, on_bad_record=self.on_bad_record,
+                                     zsre_target=self.zsre_target)
         n_edit = len(records) - self.num_holdout if self.dataset_size_limit is None else self.dataset_size_limit
         if n_edit < 1 or n_edit > len(records):
             raise ValueError(

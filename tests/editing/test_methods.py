@@ -252,3 +252,77 @@ def revert_alphaedit(state: dict, n: int) -> dict:
     from sphere_pl.editing.methods.alphaedit import AlphaEdit
 
     return AlphaEdit.revert_state(state, n)
+
+
+def _official_ft(model, tok, templates, requests, layer, num_steps, lr, batch_size, official_targets=False):
+    """FT as the official baseline schedules it (baselines/ft/ft_main.py), written out plainly in
+    float64: epochs over minibatches of `batch_size`, a step per minibatch whose loss is >= 1e-2, the
+    epochs ending once the epoch's size-weighted mean loss is below 1e-2. Returns W - W0."""
+    weight = model.get_submodule(templates.down_proj_at(layer)).weight
+    w0 = weight.detach().clone()
+    model.requires_grad_(False)
+    weight.requires_grad_(True)
+    opt = torch.optim.Adam([weight], lr=lr)
+    for _ in range(num_steps):
+        losses = []
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            per_request = []
+            targets = [tok(" " + r.target_new, add_special_tokens=official_targets)["input_ids"] for r in chunk]
+            width = max(len(t) for t in targets)
+            for r, target in zip(chunk, targets):  # one request at a time: no padding in the prompt
+                ids = torch.tensor([tok(r.rewrite_prompt)["input_ids"]])
+                if official_targets:  # the official code scores its target padding too (all but unk)
+                    target = [t for t in target + [tok.pad_token_id] * (width - len(target)) if t != tok.unk_token_id]
+                log_probs = torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), dim=-1)
+                per_request.append(-log_probs[target].mean())
+            loss = torch.stack(per_request).mean()
+            losses.append((float(loss), len(chunk)))
+            if float(loss) >= 1e-2:
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        if sum(v * n for v, n in losses) / len(requests) < 1e-2:
+            break
+    weight.requires_grad_(False)
+    return weight.detach() - w0
+
+
+@pytest.mark.parametrize("batch_size", [2, 64])
+def test_ft_follows_the_official_schedule_of_minibatches_and_epochs(tok, method_factory, float64_default, batch_size):
+    """5 requests in minibatches of 2 take 3 Adam steps an epoch (of 64: 1), and end with the official loop's weights."""
+    requests = REQUESTS + [EditRequest(3, "{} was born in", "Einstein", "Madrid", "Ulm"), EditRequest(4, "The language of {} is", "Brazil", "Dutch", "Portuguese")]
+    model = tiny_llama().double()
+    templates = resolve_templates(model)
+    reference = copy.deepcopy(model)
+    method = method_factory("ft", batch_size=batch_size, num_steps=4, lr=1e-3)
+    lm = LoadedModel(model, tok, templates, "test-methods/tiny-llama-f64")
+    method.setup(lm)
+    before = _weights(model, templates, method.layers)[method.layers[0]]
+    info = method.edit(lm, requests, WeightWriter(lm, [])).info
+    assert info["value_steps"] == 4 * -(-len(requests) // batch_size)  # no early stop on a random model
+    expected = _official_ft(reference, tok, templates, requests, method.layers[0], 4, 1e-3, batch_size)
+    delta = _weights(model, templates, method.layers)[method.layers[0]] - before
+    assert expected.norm() > 0 and _rel_err(delta, expected) < 1e-9
+
+
+def test_ft_batch_size_must_be_a_positive_integer(method_factory):
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=f"batch_size = {bad!r} must be an integer >= 1"):
+            method_factory("ft", batch_size=bad)
+
+
+def test_ft_official_targets_scores_special_tokens_and_padding_as_the_official_code(tok, method_factory, float64_default):
+    model = tiny_llama().double()
+    templates = resolve_templates(model)
+    reference, plain = copy.deepcopy(model), copy.deepcopy(model)
+    lm = LoadedModel(model, tok, templates, "test-methods/tiny-llama-f64")
+    method = method_factory("ft", num_steps=3, lr=1e-3, official_targets=True)
+    method.setup(lm)
+    before = _weights(model, templates, method.layers)[method.layers[0]]
+    method.edit(lm, REQUESTS, WeightWriter(lm, []))  # targets of 5, 11 and 21 bytes: padded in one minibatch
+    delta = _weights(model, templates, method.layers)[method.layers[0]] - before
+    expected = _official_ft(reference, tok, templates, REQUESTS, method.layers[0], 3, 1e-3, 64, official_targets=True)
+    assert _rel_err(delta, expected) < 1e-9
+    without = _official_ft(plain, tok, templates, REQUESTS, method.layers[0], 3, 1e-3, 64, official_targets=False)
+    assert _rel_err(delta, without) > 1e-3  # scoring the padding really changes the edit

@@ -73,12 +73,28 @@ def test_fact_evaluator_routes_each_request_to_its_benchmark(tiny):
 
 
 @needs_data
-def test_reader_on_the_real_mend_file(tmp_path):
+def test_reader_on_the_real_mend_file_teaches_the_gold_answer_as_the_papers_code(tmp_path):
+    """The paper's convention (dsets/zsre.py of the official code): the edit teaches answers[0]; `alt`
+    is not read, so the two records with an empty one are editable."""
+    requests = load_edit_requests(ZSRE, cache_dir=str(tmp_path / "cache"))
+    raw = json.loads(ZSRE.read_text())
+    assert len(requests) == len(raw) == 1000
+    for request, record in zip(requests, raw):
+        assert request.case_id == raw.index(record) and request.benchmark == "zsre"
+        assert request.target_new == record["answers"][0] and request.target_true == "<|endoftext|>"
+        assert request.rewrite_prompt == record["src"] and request.prompt == record["src"].replace(record["subject"], "{}")
+        assert request.paraphrase_prompts == (record["rephrase"],)
+        assert request.neighborhood_prompts == (record["loc"] + "?",) and request.neighborhood_true == record["loc_ans"]
+    assert sum(r.target_new != rec["alt"] for r, rec in zip(requests, raw)) > 900  # another edit than MEND's (983 of 1000 here)
+
+
+@needs_data
+def test_reader_on_the_real_mend_file_with_mends_alt_convention(tmp_path):
     cache = str(tmp_path / "cache")
     with pytest.raises(EditDataError, match=r"case_id=534 .*zsre_mend_train-1k.json.*field 'alt': is empty"):
-        load_edit_requests(ZSRE, cache_dir=cache)  # two real records have an empty new answer
+        load_edit_requests(ZSRE, cache_dir=cache, zsre_target="alt")  # two real records have an empty new answer
     with pytest.warns(UserWarning, match=r"skipped 2 bad record\(s\)") as caught:
-        requests = load_edit_requests(ZSRE, cache_dir=cache, on_bad_record="skip")
+        requests = load_edit_requests(ZSRE, cache_dir=cache, on_bad_record="skip", zsre_target="alt")
     message = str(caught[0].message)
     assert "case_id=534" in message and "case_id=723" in message
     assert len(requests) == 998
@@ -87,10 +103,13 @@ def test_reader_on_the_real_mend_file(tmp_path):
     assert first.case_id == 0 and first.benchmark == "zsre"
     assert first.rewrite_prompt == raw[0]["src"]
     assert (first.target_new, first.target_true) == (raw[0]["alt"], raw[0]["answers"][0])
-    assert first.paraphrase_prompts == (raw[0]["rephrase"],)
-    assert first.neighborhood_prompts == (raw[0]["loc"] + "?",) and first.neighborhood_true == raw[0]["loc_ans"]
     # positions are kept as case_ids: record 535 follows the skipped 534
     assert [r.case_id for r in requests[533:536]] == [533, 535, 536]
+
+
+def test_an_unknown_zsre_target_convention_is_refused_with_the_valid_names(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown ZsRE target convention 'gold'; choose one of \['alt', 'answer'\]"):
+        load_edit_requests(tmp_path / "never-read.json", zsre_target="gold")
 
 
 @pytest.mark.parametrize(

@@ -251,7 +251,11 @@ ROWS = [
     ("edits-prompt-longer-than-context", long_prompt, r"field 'prompt': needs \d+ tokens .* at most 256"),
     ("edits-zsre-empty-alt", with_records(json.dumps([{"subject": "UniFirst", "src": "What is the product made by UniFirst?", "alt": "",
      "rephrase": "What does UniFirst make?", "loc": "nq question: who wrote hamlet", "loc_ans": "shakespeare", "answers": ["uniform"]}]),
-     schema="zsre"), r"case_id.*0.*field 'alt'.*empty"),
+     schema="zsre", zsre_target="alt"), r"case_id.*0.*field 'alt'.*empty"),
+    ("edits-zsre-empty-answers", with_records(json.dumps([{"subject": "UniFirst", "src": "What is the product made by UniFirst?", "alt": "x",
+     "rephrase": "What does UniFirst make?", "loc": "nq question: who wrote hamlet", "loc_ans": "shakespeare", "answers": []}]),
+     schema="zsre"), r"case_id.*0.*field 'answers'.*non-empty list"),
+    ("edits-zsre-unknown-target", config_change(**{"data.zsre_target": "gold"}), r"data.zsre_target must be one of \['alt', 'answer'\].*'gold'"),
     # ---------------------------------------------------------- evaluation files
     ("eval-nli-bad-label", general_task("NLITask", "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\tmaybe\n", "nli.tsv"), r"nli.tsv: line 2: field 'label'"),
     ("eval-reasoning-missing-answer", general_task("ReasoningTask", '{"question": "1+1?"}\n', "reasoning.jsonl"), r"reasoning.jsonl: line 1.*field 'answer'"),
