@@ -141,6 +141,8 @@ class EditCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         done = pl_module.editor.batches_done
+        if done != batch.index + 1:
+            return  # the batch was reverted (CollapseGuard's stop): the last checkpoint holds the state before it
         if done % self.every_n_batches and done != trainer.num_training_batches:
             return
         directory = self._dir(trainer)

@@ -37,6 +37,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .callbacks import CheckpointWriteError, EditCheckpoint, EditProgressBar, HypersphericalEnergyMonitor, RunDirectoryInUseError, RunSummary
 from .datamodule import EditDataModule
 from .collapse import CollapseStop
+from .guard import CollapseGuard
 from .facts import FactMonitor
 from .general import GeneralAbilityMonitor
 from .he_analysis import HEAnalysis
@@ -57,9 +58,11 @@ TRAINER_DEFAULTS = {
 PATCH_COMMANDS = ("export", "apply", "rollback")
 # The callbacks every run has, each configured under its section, in this order: the summary's header
 # comes first; a batch's measurements are recorded before its checkpoint is written, so that a
-# resumed run's history holds them; the collapse stop reads them.
+# resumed run's history holds them; the collapse stop reads them. The guard checks a batch first, so that a
+# batch it reverts is measured (and not checkpointed) as the state before it.
 SECTIONS = {
     "summary": RunSummary,
+    "guard": CollapseGuard,  # before the monitors: what they measure after a reverted batch is the state before it
     "facts": FactMonitor,
     "general": GeneralAbilityMonitor,
     "he": HypersphericalEnergyMonitor,

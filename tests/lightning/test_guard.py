@@ -1,0 +1,109 @@
+"""`CollapseGuard`: its signals against hand computations, and its actions through the real CLI on the
+tiny model (3 batches of 4 quickstart edits): `warn` records and goes on, `stop` reverts the breaching
+batch exactly and ends with the checkpoint of the state before it, from which a run resumes."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+
+import pytest
+import torch
+
+from helpers import cli_env, run_cli
+from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
+from sphere_pl.lightning.guard import CollapseGuard
+from test_cli_commands import NUM_EDITS, run_config, write_config
+
+
+def test_signals_score_each_he_step_against_the_median_of_the_steps_before_it():
+    guard = CollapseGuard(enabled=True, he_score=25.0, he_window=3, he_min_history=2, norm_growth=0.5, canary_drop=0.3, perplexity_ratio=2.0)
+    he = [1.0, 1.001, 1.003, 1.004, 1.0045, 1.4]  # a steady drift, then a jump
+    norms = [10.0, 10.1, 10.2, 10.2, 10.3, 16.0]
+    start = {"he/4": he[0], "norm/4": norms[0], "canary_specificity": 0.8, "perplexity": 20.0}
+    guard.state = {"start": start, "last": dict(start), "steps": {}, "breaches": []}
+    seen = []
+    for t in range(1, len(he)):
+        now = {"he/4": he[t], "norm/4": norms[t], "canary_specificity": 0.8 - 0.1 * (t == 5) * 4, "perplexity": 20.0 + 25.0 * (t == 5)}
+        values, breaches = guard.signals(now)
+        guard.state["last"] = now
+        seen.append((values, breaches))
+    steps = [abs(b - a) for a, b in zip(he, he[1:])]
+    for t, (values, breaches) in enumerate(seen):
+        if t < 2:  # fewer than he_min_history steps before it: not scored
+            assert "he_score/layer4" not in values and not breaches
+            continue
+        expected = steps[t] / statistics.median(steps[max(0, t - 3) : t])
+        assert values["he_score/layer4"] == pytest.approx(expected, rel=1e-12)
+        assert values["norm_growth/layer4"] == pytest.approx(norms[t + 1] / norms[0] - 1, rel=1e-12)
+    assert all(not b for _, b in seen[:4])
+    last = seen[-1][1]  # the jump breaches every signal
+    assert len(last) == 4 and "layer 4: HE step" in last[0] and "norm grew" in last[1]
+    assert "canary specificity 0.400" in last[2] and "canary perplexity 45.00, 2.25x" in last[3]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"action": "rollback"}, r"guard.action must be one of \['warn', 'stop'\], got 'rollback'"),
+    ({"he_score": -1.0}, r"guard.he_score must be a positive number or null"),
+    ({"perplexity_ratio": 0.5}, r"guard.perplexity_ratio must be above 1"),
+    ({"canaries": -2}, r"guard.canaries must be an integer >= 0"),
+    ({"he_window": 2, "he_min_history": 3}, r"he_min_history \(3\) cannot exceed guard.he_window \(2\)"),
+])
+def test_settings_out_of_range_are_refused_naming_the_setting(settings, message):
+    with pytest.raises(ValueError, match=message):
+        CollapseGuard(**settings)
+
+
+def _rows(root):
+    with open(root / "csv" / "version_0" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _weights(path):
+    return load_checkpoint_file(path)["sphere_pl"]["weights"]
+
+
+# an HE score threshold no step can stay under: the guard breaches on the first scored batch (the 3rd)
+ALWAYS = {"enabled": True, "he_score": 1e-12, "he_min_history": 2, "canaries": 2}
+
+
+def test_warn_records_the_signals_and_the_breach_and_goes_on(tiny_model_dir, stats_cache, tmp_path):
+    root = tmp_path / "run"
+    config = run_config(tiny_model_dir, stats_cache, root)
+    config["guard"] = {**ALWAYS, "action": "warn"}
+    result = run_cli(["fit", "--config", write_config(tmp_path / "run.yaml", config)], tmp_path, cli_env(tmp_path))
+    assert "sphere_pl: guard: batch 2 (case_ids" in result.stdout and "breached: layer" in result.stdout
+    rows = _rows(root)
+    assert any(r.get("guard/canary_specificity") for r in rows) and any(r.get("guard/he_score_max") for r in rows)
+    breach = [float(r["guard/breach"]) for r in rows if r.get("guard/breach")]
+    assert breach == [0.0, 0.0, 1.0]
+    assert load_checkpoint_file(root / "checkpoints" / "last.ckpt")["sphere_pl"]["edits_applied"] == 3 * NUM_EDITS
+
+
+def test_stop_reverts_the_batch_exactly_and_a_resumed_run_starts_with_it_again(tiny_model_dir, stats_cache, tmp_path):
+    env = cli_env(tmp_path)
+    stopped_root = tmp_path / "stopped"
+    config = run_config(tiny_model_dir, stats_cache, stopped_root)
+    config["guard"] = {**ALWAYS, "action": "stop"}
+    result = run_cli(["fit", "--config", write_config(tmp_path / "stopped.yaml", config)], tmp_path, env)
+    assert "batch 2 reverted; the run ends after 8 edits" in result.stdout
+    last = load_checkpoint_file(stopped_root / "checkpoints" / "last.ckpt")["sphere_pl"]
+    assert last["edits_applied"] == 2 * NUM_EDITS and last["batches_done"] == 2
+    assert not (stopped_root / "checkpoints" / f"edits-{3 * NUM_EDITS:06d}.ckpt").exists()
+
+    # the same stream's first two batches without a guard: the same weights, bit for bit
+    reference_root = tmp_path / "reference"
+    reference = run_config(tiny_model_dir, stats_cache, reference_root)
+    reference["trainer"]["limit_train_batches"] = 2
+    run_cli(["fit", "--config", write_config(tmp_path / "reference.yaml", reference)], tmp_path, env)
+    mine, theirs = last["weights"], _weights(reference_root / "checkpoints" / "last.ckpt")
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+    # resumed without the guard, the run applies batch 2 again and ends as an unguarded run of the stream
+    config["guard"] = {"enabled": False}
+    resumed = write_config(tmp_path / "resumed.yaml", config)
+    run_cli(["fit", "--config", resumed, "--ckpt_path", str(stopped_root / "checkpoints" / "last.ckpt")], tmp_path, env)
+    whole_root = tmp_path / "whole"
+    run_cli(["fit", "--config", write_config(tmp_path / "whole.yaml", run_config(tiny_model_dir, stats_cache, whole_root))], tmp_path, env)
+    mine, theirs = _weights(stopped_root / "checkpoints" / "last.ckpt"), _weights(whole_root / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
