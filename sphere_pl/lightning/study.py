@@ -306,18 +306,27 @@ def write_report(study: Study) -> Path:
     return directory / "report.md"
 
 
+def _guard(rows: list[dict]) -> str:
+    """What the collapse guard said: not on, no breach, or the edits at which it breached."""
+    checked = [r for r in rows if "guard/breach" in r]
+    if not checked:
+        return "off"
+    breached = [int(r["edits"]) for r in checked if r["guard/breach"]]
+    return f"breached after {', '.join(map(str, breached))} edits" if breached else "no breach"
+
+
 def _markdown(study: Study, results: list[dict], metrics: list[str]) -> str:
     rule = study.collapse.describe() if study.collapse else "none stated"
     lines = [f"# Study {study.name}", "", f"Collapse rule: {rule}.", "",
-             "| variant | status | edits | s per edit | " + " | ".join(m for m in metrics) + " | mean ΔHE/HE | collapsed at |",
-             "|---|---|---:|---:|" + "---:|" * len(metrics) + "---:|---|"]
+             "| variant | status | edits | s per edit | " + " | ".join(m for m in metrics) + " | mean ΔHE/HE | collapsed at | guard |",
+             "|---|---|---:|---:|" + "---:|" * len(metrics) + "---:|---|---|"]
     for r in results:
         last = r["points"][-1] if r["points"] else {}
         he = sum(r["he"].values()) / len(r["he"]) if r["he"] else math.nan
         sec = f"{r['seconds_per_edit']:.2f}" if r["seconds_per_edit"] is not None else "–"
         collapsed = f"{r['collapse']['edits']} edits ({r['collapse']['why']})" if r["collapse"] else f"none by {r['edits']}"
         lines.append(f"| {r['variant']} | {r['status']['status']} | {r['edits']} | {sec} | "
-                     + " | ".join(_fmt(last.get(m)) for m in metrics) + f" | {_fmt(he, '.3e')} | {collapsed} |")
+                     + " | ".join(_fmt(last.get(m)) for m in metrics) + f" | {_fmt(he, '.3e')} | {collapsed} | {_guard(r['rows'])} |")
     lines += ["", "## At every evaluation point", ""]
     for r in results:
         if not r["points"]:

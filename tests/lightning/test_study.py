@@ -57,7 +57,8 @@ VARIANTS = [{"name": "alphaedit"}, {"name": "memit", "overrides": {"model.method
 
 
 def test_a_study_runs_each_variant_as_a_fit_and_reports_them_side_by_side(tiny_model_dir, stats_cache, tmp_path):
-    path = write_study(tmp_path, tiny_model_dir, stats_cache, VARIANTS,
+    guarded = [VARIANTS[0], {**VARIANTS[1], "overrides": {**VARIANTS[1]["overrides"], "guard": {"enabled": True, "canaries": 1, "canary_drop": None, "he_score": None}}}]
+    path = write_study(tmp_path, tiny_model_dir, stats_cache, guarded,
                        collapse={"conditions": [{"metric": "edited_so_far/efficacy_score", "below": 2.0}], "points_in_a_row": 2})
     result = study(path, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -89,6 +90,8 @@ def test_a_study_runs_each_variant_as_a_fit_and_reports_them_side_by_side(tiny_m
     # the stated rule (an efficacy below 2.0 always holds) makes both collapse at the first of two points in a row
     assert "Collapse rule: edited_so_far/efficacy_score below 2.0, at 2 evaluation point(s) in a row." in report
     assert report.count("| 2 edits (edited_so_far/efficacy_score") == 2
+    assert "< 2.0) | no breach |" in report  # memit ran with the guard (thresholds off: nothing can breach)
+    assert report.count("| off |") == 1  # alphaedit ran without the guard
     for png in ("he.png", "metrics.png"):
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
