@@ -15,6 +15,7 @@ when anything fails, the edited weights are restored and the method's state is u
 from __future__ import annotations
 
 from collections import deque
+from contextlib import contextmanager
 from collections.abc import Sequence
 
 import torch
@@ -91,6 +92,7 @@ class Editor:
         self.batches_done = 0
         self.edits_applied = 0
         self.case_ids: list[list] = []  # per applied batch
+        self.withheld: list[list] = []  # per applied batch: case_ids of its stream batch left out (quarantined)
         self.recent_patches: deque[Patch] = deque(maxlen=history_size)
         self.last_info: dict[str, float] = {}
         self._prepared = False
@@ -174,8 +176,9 @@ class Editor:
         self.prepare()
         self.method.check_requests(self.lm, list(requests))
 
-    def apply(self, requests: Sequence[EditRequest]) -> Patch:
-        """Edit one batch; returns the Patch of what was written. All or nothing."""
+    def apply(self, requests: Sequence[EditRequest], withheld: Sequence = ()) -> Patch:
+        """Edit one batch; returns the Patch of what was written. All or nothing. `withheld`: case_ids of
+        the stream's batch left out of it (a collapse guard's quarantine), kept with the batch."""
         requests = list(requests)
         if not requests:
             raise ValueError("apply() needs at least one edit request")
@@ -208,6 +211,7 @@ class Editor:
         self.batches_done += 1
         self.edits_applied += len(requests)
         self.case_ids.append(case_ids)
+        self.withheld.append(list(withheld))
         self.last_info = dict(result.info)
         if self.history_size:
             self.recent_patches.append(patch.to("cpu"))
@@ -224,10 +228,23 @@ class Editor:
         patch.revert_from(self.model)  # checks model fingerprint and the current weights' digest
         self.method.revert(last - first + 1)
         del self.case_ids[first:]
+        del self.withheld[first:]
         self.edits_applied = sum(len(c) for c in self.case_ids)
         self.batches_done = first
         while self.recent_patches and int(self.recent_patches[-1].metadata["last_batch"]) >= first:
             self.recent_patches.pop()
+
+    @contextmanager
+    def trial(self, requests: Sequence[EditRequest]):
+        """Apply `requests` as a batch for the duration, then revert it exactly: weights, method state and
+        the kept patches (a collapse guard tries parts of a batch this way)."""
+        kept = list(self.recent_patches)
+        patch = self.apply(requests)
+        try:
+            yield patch
+        finally:
+            self.revert(patch)
+            self.recent_patches = deque(kept, maxlen=self.history_size)
 
     def rollback(self, num_batches: int) -> None:
         """Undo the last `num_batches` batches with the patches kept in `recent_patches`."""
@@ -288,6 +305,7 @@ class Editor:
             "batches_done": self.batches_done,
             "edits_applied": self.edits_applied,
             "case_ids": [list(c) for c in self.case_ids],
+            "withheld": [list(c) for c in self.withheld],
             "weights": {n: linear_weight(self.model.get_submodule(n)).detach().cpu().clone() for n in self.edited_modules},
             "method": self.method.state_dict(),
             "recent_patches": [_patch_to_state(p) for p in self.recent_patches],
@@ -320,6 +338,7 @@ class Editor:
         self.batches_done = int(state["batches_done"])
         self.edits_applied = int(state["edits_applied"])
         self.case_ids = [list(c) for c in state["case_ids"]]
+        self.withheld = [list(c) for c in state.get("withheld", [[] for _ in self.case_ids])]
         self.recent_patches = deque((_patch_from_state(p) for p in state["recent_patches"]), maxlen=self.history_size)
         if self._prepared:
             self.method.load_state_dict(state["method"])
@@ -368,6 +387,7 @@ def rollback_state(state: dict, num_batches: int, method_cls: type[EditMethod]) 
         "batches_done": done - num_batches,
         "edits_applied": sum(len(c) for c in case_ids),
         "case_ids": case_ids,
+        "withheld": [list(c) for c in state.get("withheld", [[] for _ in state["case_ids"]])[: done - num_batches]],
         "method": method_cls.revert_state(state["method"], num_batches),
         "recent_patches": kept,
     }

@@ -94,15 +94,20 @@ class FactMonitor(L.Callback):
         editor = pl_module.editor
         values = {}
         with editor.timer("evaluation"):
-            if self.last_batch:
-                values.update(self.score(pl_module, batch.requests, protocol.LAST_BATCH, "after_batch"))
-            if self.is_evaluation_point(editor.edits_applied - len(batch.requests), editor.edits_applied, editor.batches_done):
+            if editor.batches_done != batch.index + 1:
+                applied = []  # the batch was reverted (the collapse guard's stop)
+            else:  # what of the batch was applied (the collapse guard may have quarantined some of it)
+                applied = [r for r in batch.requests if r.case_id in set(editor.case_ids[-1])]
+            if self.last_batch and applied:
+                values.update(self.score(pl_module, applied, protocol.LAST_BATCH, "after_batch"))
+            if self.is_evaluation_point(editor.edits_applied - len(applied), editor.edits_applied, editor.batches_done):
                 values.update(self.evaluate_progress(trainer, pl_module))
         pl_module.recorder.record(values)
 
     def evaluate_progress(self, trainer, pl_module) -> dict[str, float]:
         """Metrics on (a fixed sample of) the facts edited so far and on the never-edited facts."""
-        edited = trainer.datamodule.edited_requests(pl_module.editor.batches_done)
+        applied = {case_id for ids in pl_module.editor.case_ids for case_id in ids}  # without quarantined records
+        edited = [r for r in trainer.datamodule.edited_requests(pl_module.editor.batches_done) if r.case_id in applied]
         values = self.score(pl_module, self.sample(edited), protocol.EDITED_SO_FAR, "after_batch", extras=True)
         holdout = getattr(trainer.datamodule, "holdout_requests", [])
         if holdout:

@@ -14,11 +14,19 @@ After each batch, on the weights that are evaluated (PRUNE: its restrained ones)
 A signal beyond its threshold is a breach. `action: warn` prints it and records it; `action: stop`
 also reverts the batch exactly (weights and method state, from the editor's kept patch) and ends
 the run cleanly, so the last checkpoint holds the state before that batch and a resumed run
-starts with it again. Everything is recorded as `guard/*`. Thresholds set to null are not checked.
+starts with it again. `action: rollback` reverts the batch, finds the request(s) that cause the
+breach by bisection (each half tried on the state before the batch and reverted exactly), writes
+them with their signals to `quarantine.jsonl` in the run directory, applies the rest of the batch
+as the batch and goes on: the run then ends with the weights of an unguarded run of the stream
+without those records. Where no culprit can be isolated (every part passes alone, or the rest
+still breaches) it stops as `stop` does, naming the batch's case_ids and signals. Everything is
+recorded as `guard/*`. Thresholds set to null are not checked.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 
 import lightning as L
@@ -27,13 +35,14 @@ import torch
 from ..evaluation.general.perplexity import PerplexityTask, window_nll
 from ..sphere import hyperspherical_energy
 
-ACTIONS = ("warn", "stop")
+ACTIONS = ("warn", "stop", "rollback")
 
 
 class CollapseGuard(L.Callback):
     """Args:
     enabled: check at all (off by default).
-    action: "warn" (print and record) or "stop" (revert the breaching batch and end the run).
+    action: "warn" (print and record), "stop" (revert the breaching batch and end the run) or
+        "rollback" (revert it, quarantine the requests that cause the breach, apply the rest, go on).
     he_score: the largest HE step score allowed (default 50: in the recorded method comparison the
         200-edit AlphaEdit, MEMIT, RECT, PRUNE and FT runs, with and without SPHERE, scored at most
         19.1 (RECT + SPHERE), ROME's collapsing batch 183 and ROME + SPHERE's 214;
@@ -64,7 +73,7 @@ class CollapseGuard(L.Callback):
         perplexity_ratio: float | None = 2.0,
     ):
         if action not in ACTIONS:
-            raise ValueError(f"guard.action must be one of {list(ACTIONS)}, got {action!r} ('rollback', which bisects a batch, is not built yet)")
+            raise ValueError(f"guard.action must be one of {list(ACTIONS)}, got {action!r}")
         for name, value in (("he_score", he_score), ("norm_growth", norm_growth), ("canary_drop", canary_drop), ("perplexity_ratio", perplexity_ratio)):
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"guard.{name} must be a positive number or null (not checked), got {value!r}")
@@ -128,22 +137,24 @@ class CollapseGuard(L.Callback):
         pl_module.recorder.record({f"guard/{k}": v for k, v in _public(start).items()})
 
     # ------------------------------------------------------------------ checking
-    def signals(self, now: dict[str, float]) -> tuple[dict[str, float], list[str]]:
-        """The guard's signals after a batch (and the updated step history), and the breaches among them."""
+    def signals(self, now: dict[str, float], commit: bool = True) -> tuple[dict[str, float], list[str]]:
+        """The guard's signals after a batch, and the breaches among them; `commit` adds the batch's HE
+        steps to the history (a tried part of a batch is judged without changing it)."""
         start, last, steps = self.state["start"], self.state["last"], self.state["steps"]
         values: dict[str, float] = {}
         breaches: list[str] = []
         for key in [k for k in now if k.startswith("he/")]:
             layer = key.split("/", 1)[1]
             step = abs(now[key] - last[key])
-            history = steps.setdefault(layer, [])
+            history = steps.get(layer, [])
             if len(history) >= self.he_min_history:
                 base = statistics.median(history[-self.he_window :])
                 score = step / base if base > 0 else (float("inf") if step > 0 else 0.0)
                 values[f"he_score/layer{layer}"] = score
                 if self.he_score is not None and score > self.he_score:
                     breaches.append(f"layer {layer}: HE step {step:.3g} is {score:.0f}x the median of the last {len(history[-self.he_window:])} ({base:.3g})")
-            history.append(step)
+            if commit:
+                steps[layer] = history + [step]
             growth = now[f"norm/{layer}"] / start[f"norm/{layer}"] - 1
             values[f"norm_growth/layer{layer}"] = growth
             if self.norm_growth is not None and growth > self.norm_growth:
@@ -163,35 +174,103 @@ class CollapseGuard(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.enabled:
             return
-        now = self.measure(pl_module.editor, self._canary_requests(trainer))
-        values, breaches = self.signals(now)
-        self.state["last"] = now
+        editor, canaries = pl_module.editor, self._canary_requests(trainer)
+        before = dict(self.state["last"])
+        now = self.measure(editor, canaries)
+        values, breaches = self.signals(now, commit=not self.action == "rollback")
+        row = self._row(values, breaches)
+        if not breaches:
+            if self.action == "rollback":
+                self.signals(now)  # commit the batch's steps
+            self.state["last"] = now
+            pl_module.recorder.record(row)
+            return
+        ids = list(editor.case_ids[-1]) if editor.case_ids else []
+        print(f"sphere_pl: guard: batch {batch.index} (case_ids {ids}) breached: " + "; ".join(breaches), flush=True)
+        entry = {"batch": int(batch.index), "edits": editor.edits_applied, "case_ids": ids, "signals": breaches, "action": self.action}
+        self.state["breaches"].append(entry)
+        if self.action == "warn":
+            self.state["last"] = now
+        elif self.action == "stop":
+            editor.rollback(1)  # exactly the state before the batch: weights and method state
+            for history in self.state["steps"].values():
+                history.pop()  # that batch's step is undone with it
+            self._end(trainer, pl_module, batch, canaries)
+        elif not self._quarantine(trainer, pl_module, batch, canaries, before, breaches):
+            self._end(trainer, pl_module, batch, canaries)
+        row["guard/breaches"] = float(len(self.state["breaches"]))
+        row["guard/quarantined"] = float(len(self.state.get("quarantined", [])))
+        pl_module.recorder.record(row)
+
+    def _row(self, values: dict[str, float], breaches: list[str]) -> dict[str, float]:
         scores = [v for k, v in values.items() if k.startswith("he_score/")]
         row = {f"guard/{k}": v for k, v in values.items()}
         row.update({"guard/he_score_max": max(scores) if scores else 0.0, "guard/breach": float(bool(breaches))})
-        if not breaches:
-            pl_module.recorder.record(row)
-            return
+        return row
+
+    def _end(self, trainer, pl_module, batch, canaries: list) -> None:
+        """End the run on the state before the batch (already reverted)."""
         editor = pl_module.editor
-        ids = editor.case_ids[-1] if editor.case_ids else []
-        entry = {"batch": int(batch.index), "edits": editor.edits_applied, "case_ids": list(ids), "signals": breaches, "action": self.action}
-        self.state["breaches"].append(entry)
-        row["guard/breaches"] = float(len(self.state["breaches"]))
-        print(f"sphere_pl: guard: batch {batch.index} (case_ids {list(ids)}) breached: " + "; ".join(breaches), flush=True)
-        if self.action == "stop":
-            editor.rollback(1)  # exactly the state before the batch: weights and method state
-            self.state["last"] = self.measure(pl_module.editor, self._canary_requests(trainer))
-            for history in self.state["steps"].values():
-                history.pop()  # that batch's step is undone with it
-            print(f"sphere_pl: guard: batch {batch.index} reverted; the run ends after {editor.edits_applied} edits. The last "
-                  "checkpoint holds the state before that batch (no checkpoint is written of a reverted batch)", flush=True)
-            trainer.should_stop = True
-        pl_module.recorder.record(row)
+        self.state["last"] = self.measure(editor, canaries)
+        print(f"sphere_pl: guard: batch {batch.index} reverted; the run ends after {editor.edits_applied} edits. The last "
+              "checkpoint holds the state before that batch (no checkpoint is written of a reverted batch)", flush=True)
+        trainer.should_stop = True
+
+    def _breaches(self, editor, canaries: list) -> list[str]:
+        return self.signals(self.measure(editor, canaries), commit=False)[1]
+
+    def _culprits(self, editor, requests: list, canaries: list, breaches: list[str]) -> list[tuple]:
+        """(request, breaches) of every request the breach comes from: halves tried one at a time on the
+        state before the batch, each reverted exactly; a part that passes holds no culprit."""
+        if not breaches:
+            return []
+        if len(requests) == 1:
+            return [(requests[0], breaches)]
+        found = []
+        for part in (requests[: len(requests) // 2], requests[len(requests) // 2 :]):
+            with editor.trial(part):
+                part_breaches = self._breaches(editor, canaries)
+            found += self._culprits(editor, part, canaries, part_breaches)
+        return found
+
+    def _quarantine(self, trainer, pl_module, batch, canaries: list, before: dict, breaches: list[str]) -> bool:
+        """Revert the batch, find its culprits, quarantine them and apply the rest. False where no culprit
+        can be isolated, with the state before the batch in place."""
+        editor = pl_module.editor
+        requests = list(batch.requests)
+        editor.rollback(1)
+        self.state["last"] = before
+        with editor.timer("guard"):
+            culprits = self._culprits(editor, requests, canaries, breaches)
+        bad = {id(r) for r, _ in culprits}
+        rest = [r for r in requests if id(r) not in bad]
+        if not culprits or not rest:
+            print(f"sphere_pl: guard: no culprit could be isolated in batch {batch.index} "
+                  f"({'every part passes alone' if not culprits else 'every request breaches'})", flush=True)
+            return False
+        editor.apply(rest, withheld=[r.case_id for r, _ in culprits])
+        now = self.measure(editor, canaries)
+        _, still = self.signals(now, commit=False)
+        if still:
+            print(f"sphere_pl: guard: batch {batch.index} without {[r.case_id for r, _ in culprits]} still breaches: " + "; ".join(still), flush=True)
+            editor.rollback(1)
+            return False
+        self.signals(now)
+        self.state["last"] = now
+        path = os.path.join(trainer.default_root_dir, "quarantine.jsonl")
+        os.makedirs(trainer.default_root_dir, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            for request, signals in culprits:
+                f.write(json.dumps({"case_id": request.case_id, "batch": int(batch.index), "signals": signals}) + "\n")
+        self.state.setdefault("quarantined", []).extend([{"case_id": r.case_id, "batch": int(batch.index), "signals": b} for r, b in culprits])
+        print(f"sphere_pl: guard: batch {batch.index}: quarantined case_ids {[r.case_id for r, _ in culprits]} (written to {path}); "
+              f"the other {len(rest)} request(s) applied, the run goes on", flush=True)
+        return True
 
     def check_can_revert(self, pl_module) -> None:
-        """`stop` reverts a batch from the editor's kept patches: refuse a run that keeps none."""
-        if self.enabled and self.action == "stop" and pl_module.editor.history_size < 1:
-            raise ValueError("guard.action = 'stop' reverts the breaching batch from its kept patch: model.history_size must be >= 1")
+        """`stop` and `rollback` revert a batch from the editor's kept patches: refuse a run that keeps none."""
+        if self.enabled and self.action != "warn" and pl_module.editor.history_size < 1:
+            raise ValueError(f"guard.action = {self.action!r} reverts the breaching batch from its kept patch: model.history_size must be >= 1")
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.check_can_revert(pl_module)

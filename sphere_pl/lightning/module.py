@@ -144,8 +144,8 @@ class SequentialEditor(L.LightningModule):
         datamodule = self.trainer.datamodule
         if not self.editor.batches_done or not hasattr(datamodule, "edit_batches"):
             return
-        for batch, saved_ids in zip(datamodule.edit_batches[: self.editor.batches_done], self.editor.case_ids):
-            ids = [r.case_id for r in batch.requests]
+        for batch, saved_ids, withheld in zip(datamodule.edit_batches[: self.editor.batches_done], self.editor.case_ids, self.editor.withheld):
+            ids = [r.case_id for r in batch.requests if r.case_id not in set(withheld)]  # less what a guard quarantined
             if ids != saved_ids:
                 raise CheckpointMismatchError(
                     f"the checkpoint is from another run: its edit batch {batch.index} held case_ids {saved_ids}, "

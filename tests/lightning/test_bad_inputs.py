@@ -255,7 +255,7 @@ ROWS = [
     ("edits-zsre-empty-answers", with_records(json.dumps([{"subject": "UniFirst", "src": "What is the product made by UniFirst?", "alt": "x",
      "rephrase": "What does UniFirst make?", "loc": "nq question: who wrote hamlet", "loc_ans": "shakespeare", "answers": []}]),
      schema="zsre"), r"case_id.*0.*field 'answers'.*non-empty list"),
-    ("config-guard-unknown-action", config_change(**{"guard.enabled": True, "guard.action": "rollback"}), r"guard.action must be one of \['warn', 'stop'\], got 'rollback'"),
+    ("config-guard-unknown-action", config_change(**{"guard.enabled": True, "guard.action": "undo"}), r"guard.action must be one of \['warn', 'stop', 'rollback'\], got 'undo'"),
     ("config-guard-threshold-out-of-range", config_change(**{"guard.enabled": True, "guard.canary_drop": -0.1}), r"guard.canary_drop must be a positive number or null"),
     ("config-guard-more-canaries-than-held-out", config_change(**{"guard.enabled": True, "guard.canaries": 500}), r"guard.canaries = 500, but the data holds \d+ never-edited records"),
     ("edits-zsre-unknown-target", config_change(**{"data.zsre_target": "gold"}), r"data.zsre_target must be one of \['alt', 'answer'\].*'gold'"),

@@ -43,7 +43,7 @@ def test_signals_score_each_he_step_against_the_median_of_the_steps_before_it():
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"action": "rollback"}, r"guard.action must be one of \['warn', 'stop'\], got 'rollback'"),
+    ({"action": "undo"}, r"guard.action must be one of \['warn', 'stop', 'rollback'\], got 'undo'"),
     ({"he_score": -1.0}, r"guard.he_score must be a positive number or null"),
     ({"perplexity_ratio": 0.5}, r"guard.perplexity_ratio must be above 1"),
     ({"canaries": -2}, r"guard.canaries must be an integer >= 0"),
@@ -107,3 +107,69 @@ def test_stop_reverts_the_batch_exactly_and_a_resumed_run_starts_with_it_again(t
     run_cli(["fit", "--config", write_config(tmp_path / "whole.yaml", run_config(tiny_model_dir, stats_cache, whole_root))], tmp_path, env)
     mine, theirs = _weights(stopped_root / "checkpoints" / "last.ckpt"), _weights(whole_root / "checkpoints" / "last.ckpt")
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def _record(case_id, subject, prompt, new, true, locality=("The Eiffel Tower is in the city of", "Paris")):
+    """A MEND-format CounterFact record."""
+    return {"case_id": case_id, "prompt": prompt.replace("{}", subject), "subject": subject, "target_new": new, "ground_truth": true,
+            "rephrase_prompt": prompt.replace("{}", subject), "locality_prompt": locality[0], "locality_ground_truth": locality[1]}
+
+
+SPORTS = [("Messi", "golf"), ("Nadal", "poker"), ("Bolt", "rugby"), ("Federer", "chess"), ("Phelps", "tennis"), ("Jordan", "cricket"), ("Pele", "hockey")]
+# a request that breaks a fact the model must keep: FT teaches SmolLM2 "The Louvre museum is in the city of" ->
+# "Berlin", the neighborhood prompt of the never-edited canary record (checked below, alone and within its batch)
+PLANTED = _record("planted", "The Louvre", "{} museum is in the city of", "Berlin", "Paris")
+CANARY = _record("canary", "The Louvre", "{} is located in", "Berlin", "Paris", locality=("The Louvre museum is in the city of", "Paris"))
+
+
+def test_rollback_quarantines_the_planted_request_and_ends_as_a_run_without_it(smollm2, tmp_path):
+    """The embedded SmolLM2, FT-L on layer 20 (configs/smollm2/ft.yaml's settings, no SPHERE), 2 batches of 4: the second
+    holds the planted request. The guard catches the batch, bisects it to the planted request, applies the other 3 and
+    goes on; the run's weights equal those of the stream without the planted record, its batches as the guard left them."""
+    import json
+
+    from sphere_pl import Editor
+    from sphere_pl.data.readers import load_edit_requests
+    from sphere_pl.editing.methods import create_method
+
+    edits = [_record(i, s, "{} plays the sport of", t, "football") for i, (s, t) in enumerate(SPORTS)]
+    edits.insert(5, PLANTED)  # the second batch: [4, planted, 5, 6]
+    data = tmp_path / "edits.json"
+    data.write_text(json.dumps(edits + [CANARY]))
+    root = tmp_path / "guarded"
+    ft = {"layer": 20, "num_steps": 25, "lr": 5e-4}
+    config = {
+        "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "default_root_dir": str(root),
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "csv"}}},
+        "model": {"method": {"class_path": "sphere_pl.FineTune", "init_args": ft}, "filters": []},
+        "data": {"source": str(data), "shuffle": False, "num_edits": 4, "dataset_size_limit": 8, "num_holdout": 1, "cache_dir": str(tmp_path / "data-cache")},
+        "facts": {"every_n_batches": 0, "last_batch": False, "before_editing": False},
+        "checkpoint": {"dirpath": str(root / "checkpoints")},
+        "guard": {"enabled": True, "action": "rollback", "canaries": 1, "canary_drop": 0.5, "he_score": None},
+    }
+    result = run_cli(["fit", "--config", write_config(tmp_path / "guarded.yaml", config)], tmp_path, cli_env(tmp_path))
+    assert "sphere_pl: guard: batch 1 (case_ids [4, 'planted', 5, 6]) breached: canary specificity 0.000" in result.stdout
+    assert "quarantined case_ids ['planted']" in result.stdout and "batch 0 (" not in result.stdout  # batch 0 passed
+    quarantine = [json.loads(line) for line in (root / "quarantine.jsonl").read_text().splitlines()]
+    assert [(q["case_id"], q["batch"]) for q in quarantine] == [("planted", 1)] and "canary specificity" in quarantine[0]["signals"][0]
+    state = load_checkpoint_file(root / "checkpoints" / "last.ckpt")["sphere_pl"]
+    assert state["case_ids"] == [[0, 1, 2, 3], [4, 5, 6]] and state["withheld"] == [[], ["planted"]]
+    assert [float(r["guard/quarantined"]) for r in _rows(root) if r.get("guard/quarantined")] == [1.0]
+
+    # the stream without the planted record, its batches as the guard left them, through the Python API
+    model, tok = smollm2
+    requests = {r.case_id: r for r in load_edit_requests(data)}
+    editor = Editor(model, tok, create_method("ft", **ft), filters=[], model_id="embedded:smollm2-135m-instruct")
+    canary_before = editor.evaluate([requests["canary"]])["specificity_score"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CLI ran (cli_env: OMP_NUM_THREADS=1): the same order of float sums
+    try:
+        for ids in state["case_ids"]:
+            editor.apply([requests[i] for i in ids])
+    finally:
+        torch.set_num_threads(threads)
+    expected = editor.state_dict()["weights"]
+    assert all(torch.equal(state["weights"][k], expected[k]) for k in expected)  # max abs difference 0
+    assert canary_before == 1.0 and editor.evaluate([requests["canary"]])["specificity_score"] == 1.0
+    with editor.trial([requests["planted"]]):  # the planted record alone does break the canary
+        assert editor.evaluate([requests["canary"]])["specificity_score"] == 0.0
