@@ -176,7 +176,8 @@ class CollapseGuard(L.Callback):
             return
         editor, canaries = pl_module.editor, self._canary_requests(trainer)
         before = dict(self.state["last"])
-        now = self.measure(editor, canaries)
+        with editor.timer("guard"):  # its cost beside the editing phases
+            now = self.measure(editor, canaries)
         values, breaches = self.signals(now, commit=not self.action == "rollback")
         row = self._row(values, breaches)
         if not breaches:

@@ -402,6 +402,9 @@ class _PoisonedWriter:
         self.written[module_name] = self.writer.lm.model.get_submodule(module_name).weight.detach().clone()
         return result
 
+    def __getattr__(self, name):  # everything else (provisional writes, ...) is the real writer's
+        return getattr(self.writer, name)
+
 
 def poison_second_layer(method, bad_call: int) -> dict:
     """Make the `bad_call`-th (0-based) call of `method.edit` produce a NaN delta for its second layer.
