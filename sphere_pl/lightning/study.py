@@ -160,8 +160,13 @@ class Study:
         config = _print_config(self.fit_args(variant)[:-2] + ["--config", _temp_file(directory, wanted)], variant.name)
         recorded = directory / "fit-config.yaml"
         if recorded.exists():
-            before = yaml.safe_load(recorded.read_text())
+            before = _with_old_defaults(yaml.safe_load(recorded.read_text()))
             differences = _differences(_without_paths(before), _without_paths(config))
+            added = [d for d in differences if d.split(": ", 1)[1].startswith("None then")]
+            if added:  # settings this version of sphere_pl adds: the run could not have set them
+                print(f"study {self.name}: {variant.name}: settings added since its run began, taken as this config gives them: "
+                      + ", ".join(d.split(":", 1)[0] for d in added), flush=True)
+            differences = [d for d in differences if d not in added]
             if differences:
                 raise StudyConfigError(
                     f"variant {variant.name!r}: {directory} holds a run made with other settings "
@@ -484,6 +489,15 @@ def _without_paths(config: dict) -> dict:
             node = node.get(key, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict):
             node.pop(leaf, None)
+    return config
+
+
+def _with_old_defaults(config: dict) -> dict:
+    """A recorded fit config with the values that settings added later had then, where they changed
+    what a run does: ZsRE edits taught `alt` before `data.zsre_target` existed."""
+    data = config.get("data") or {}
+    if "zsre_target" not in data and data.get("schema") == "zsre":
+        config = {**config, "data": {**data, "zsre_target": "alt"}}
     return config
 
 

@@ -195,3 +195,24 @@ def test_every_shipped_study_config_passes_its_settings_check(path, tmp_path, mo
         filters = config["model"]["filters"] or []
         assert bool(filters) == ("+sphere" in variant.name), variant.name
         assert config["data"]["source"].startswith("../shared/data/")
+
+
+def test_a_run_recorded_before_a_setting_existed_resumes_and_a_changed_zsre_convention_is_refused(tmp_path, monkeypatch):
+    """A setting sphere_pl added after a variant's run began is taken as the config gives it (and said);
+    a ZsRE run recorded before `data.zsre_target` existed taught `alt`, so it does not resume under `answer`."""
+    from sphere_pl.lightning.study import StudyConfigError, Study
+
+    monkeypatch.chdir(SHIPPED_STUDIES[0].parents[2])
+    study = Study.load(SHIPPED_STUDIES[[p.stem for p in SHIPPED_STUDIES].index("zsre_targets")])
+    study.directory = tmp_path / "study"
+    answer = study.variants[0]
+    config = study.prepare(answer)
+    recorded = study.variant_dir(answer) / "fit-config.yaml"
+    old = yaml.safe_load(recorded.read_text())
+    old.pop("guard")  # a run recorded before the guard existed
+    recorded.write_text(yaml.safe_dump(old))
+    assert study.prepare(answer) == config
+    old["data"].pop("zsre_target")  # ... and before the ZsRE convention was a setting
+    recorded.write_text(yaml.safe_dump(old))
+    with pytest.raises(StudyConfigError, match=r"field data.zsre_target: 'alt' then, 'answer' now"):
+        study.prepare(answer)
