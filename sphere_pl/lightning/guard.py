@@ -32,6 +32,8 @@ import statistics
 import lightning as L
 import torch
 
+from ..evaluation.counterfact import CounterFactScore
+from ..evaluation.scoring import compare_targets
 from ..evaluation.general.perplexity import PerplexityTask, window_nll
 from ..sphere import hyperspherical_energy
 
@@ -122,11 +124,19 @@ class CollapseGuard(L.Callback):
                 device = next(editor.model.parameters()).device
                 sums = window_nll(editor.model, torch.tensor(self._windows, device=device))
                 out["perplexity"] = float(torch.exp(sums.double().sum() / (len(self._windows) * (self.perplexity_seq_len - 1))))
-        if requests:
+            if requests and all(r.benchmark == "counterfact" for r in requests):
+                # only the neighborhood prompts (the specificity group): a fifth of a full evaluation's prompts
+                prompts = [p for r in requests for p in r.neighborhood_prompts]
+                new = [r.target_new for r in requests for _ in r.neighborhood_prompts]
+                true = [r.neighborhood_true for r in requests for _ in r.neighborhood_prompts]
+                nll_new, nll_true = compare_targets(editor.model, editor.tokenizer, prompts, new, true, batch_size=editor.scoring_batch_size)
+                score = CounterFactScore("true")
+                score.update(nll_new.cpu(), nll_true.cpu())
+                out["canary_specificity"] = float(score.compute())
+        if requests and "canary_specificity" not in out:  # ZsRE canaries: token accuracy, through the full evaluation
             scores = editor.evaluate(requests)
-            key = "specificity_score" if "specificity_score" in scores else "specificity_accuracy"
-            if key in scores:
-                out["canary_specificity"] = scores[key]
+            if "specificity_accuracy" in scores:
+                out["canary_specificity"] = scores["specificity_accuracy"]
         return out
 
     def on_train_start(self, trainer, pl_module) -> None:
