@@ -9,7 +9,7 @@ from .editing import METHODS, AlphaEdit, EditFailedError, EditMethod, Editor, Lo
 from .editing.methods import MEMIT, PRUNE, RECT, ROME, FineTune
 from .models import load_model_and_tokenizer
 from .sphere import SphereProjection, hyperspherical_energy
-from .lightning import EditCheckpoint, EditDataModule, FactMonitor, GeneralAbilityMonitor, HEAnalysis, HypersphericalEnergyMonitor, RunSummary, SequentialEditor
+from .lightning import CollapseGuard, CollapseStop, EditCheckpoint, EditDataModule, FactMonitor, GeneralAbilityMonitor, HEAnalysis, HypersphericalEnergyMonitor, RunSummary, SequentialEditor
 
 __all__ = [
     "GeneralAbilityMonitor",
@@ -26,6 +26,8 @@ __all__ = [
     "EditDataError",
     "EditDataModule",
     "EditFailedError",
+    "CollapseGuard",
+    "CollapseStop",
     "FactMonitor",
     "EditMethod",
     "EditRequest",
