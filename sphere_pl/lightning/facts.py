@@ -97,7 +97,8 @@ class FactMonitor(L.Callback):
             if editor.batches_done != batch.index + 1:
                 applied = []  # the batch was reverted (the collapse guard's stop)
             else:  # what of the batch was applied (the collapse guard may have quarantined some of it)
-                applied = [r for r in batch.requests if r.case_id in set(editor.case_ids[-1])]
+                kept = set(editor.case_ids[-1])
+                applied = [r for r in batch.requests if r.case_id in kept]
             if self.last_batch and applied:
                 values.update(self.score(pl_module, applied, protocol.LAST_BATCH, "after_batch"))
             if self.is_evaluation_point(editor.edits_applied - len(applied), editor.edits_applied, editor.batches_done):

@@ -147,10 +147,11 @@ class CollapseGuard(L.Callback):
         pl_module.recorder.record({f"guard/{k}": v for k, v in _public(start).items()})
 
     # ------------------------------------------------------------------ checking
-    def signals(self, now: dict[str, float], commit: bool = True) -> tuple[dict[str, float], list[str]]:
-        """The guard's signals after a batch, and the breaches among them; `commit` adds the batch's HE
-        steps to the history (a tried part of a batch is judged without changing it)."""
+    def signals(self, now: dict[str, float]) -> tuple[dict[str, float], list[str], dict[str, float]]:
+        """The guard's signals after a batch, the breaches among them, and each layer's HE step, which
+        `_keep` adds to the history once the batch stays applied (a tried part changes nothing)."""
         start, last, steps = self.state["start"], self.state["last"], self.state["steps"]
+        taken: dict[str, float] = {}
         values: dict[str, float] = {}
         breaches: list[str] = []
         for key in [k for k in now if k.startswith("he/")]:
@@ -163,8 +164,7 @@ class CollapseGuard(L.Callback):
                 values[f"he_score/layer{layer}"] = score
                 if self.he_score is not None and score > self.he_score:
                     breaches.append(f"layer {layer}: HE step {step:.3g} is {score:.0f}x the median of the last {len(history[-self.he_window:])} ({base:.3g})")
-            if commit:
-                steps[layer] = history + [step]
+            taken[layer] = step
             growth = now[f"norm/{layer}"] / start[f"norm/{layer}"] - 1
             values[f"norm_growth/layer{layer}"] = growth
             if self.norm_growth is not None and growth > self.norm_growth:
@@ -179,21 +179,24 @@ class CollapseGuard(L.Callback):
             ratio = now["perplexity"] / start["perplexity"]
             if self.perplexity_ratio is not None and ratio > self.perplexity_ratio:
                 breaches.append(f"canary perplexity {now['perplexity']:.2f}, {ratio:.2f}x its {start['perplexity']:.2f} before editing")
-        return values, breaches
+        return values, breaches, taken
+
+    def _keep(self, now: dict[str, float], taken: dict[str, float]) -> None:
+        """The batch stays applied: its measurements become the last ones, its steps join the history."""
+        for layer, step in taken.items():
+            self.state["steps"][layer] = self.state["steps"].get(layer, []) + [step]
+        self.state["last"] = now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.enabled:
             return
         editor, canaries = pl_module.editor, self._canary_requests(trainer)
-        before = dict(self.state["last"])
         with editor.timer("guard"):  # its cost beside the editing phases
             now = self.measure(editor, canaries)
-        values, breaches = self.signals(now, commit=not self.action == "rollback")
+        values, breaches, taken = self.signals(now)
         row = self._row(values, breaches)
         if not breaches:
-            if self.action == "rollback":
-                self.signals(now)  # commit the batch's steps
-            self.state["last"] = now
+            self._keep(now, taken)
             pl_module.recorder.record(row)
             return
         ids = list(editor.case_ids[-1]) if editor.case_ids else []
@@ -201,14 +204,12 @@ class CollapseGuard(L.Callback):
         entry = {"batch": int(batch.index), "edits": editor.edits_applied, "case_ids": ids, "signals": breaches, "action": self.action}
         self.state["breaches"].append(entry)
         if self.action == "warn":
-            self.state["last"] = now
+            self._keep(now, taken)
         elif self.action == "stop":
             editor.rollback(1)  # exactly the state before the batch: weights and method state
-            for history in self.state["steps"].values():
-                history.pop()  # that batch's step is undone with it
-            self._end(trainer, pl_module, batch, canaries)
-        elif not self._quarantine(trainer, pl_module, batch, canaries, before, breaches):
-            self._end(trainer, pl_module, batch, canaries)
+            self._end(trainer, pl_module, batch)
+        elif not self._quarantine(trainer, pl_module, batch, canaries, breaches):
+            self._end(trainer, pl_module, batch)
         row["guard/breaches"] = float(len(self.state["breaches"]))
         row["guard/quarantined"] = float(len(self.state.get("quarantined", [])))
         pl_module.recorder.record(row)
@@ -219,16 +220,16 @@ class CollapseGuard(L.Callback):
         row.update({"guard/he_score_max": max(scores) if scores else 0.0, "guard/breach": float(bool(breaches))})
         return row
 
-    def _end(self, trainer, pl_module, batch, canaries: list) -> None:
-        """End the run on the state before the batch (already reverted)."""
+    def _end(self, trainer, pl_module, batch) -> None:
+        """End the run on the state before the batch (already reverted exactly: the guard's last
+        measurements are still those of this state)."""
         editor = pl_module.editor
-        self.state["last"] = self.measure(editor, canaries)
         print(f"sphere_pl: guard: batch {batch.index} reverted; the run ends after {editor.edits_applied} edits. The last "
               "checkpoint holds the state before that batch (no checkpoint is written of a reverted batch)", flush=True)
         trainer.should_stop = True
 
     def _breaches(self, editor, canaries: list) -> list[str]:
-        return self.signals(self.measure(editor, canaries), commit=False)[1]
+        return self.signals(self.measure(editor, canaries))[1]
 
     def _culprits(self, editor, requests: list, canaries: list, breaches: list[str]) -> list[tuple]:
         """(request, breaches) of every request the breach comes from: halves tried one at a time on the
@@ -244,13 +245,12 @@ class CollapseGuard(L.Callback):
             found += self._culprits(editor, part, canaries, part_breaches)
         return found
 
-    def _quarantine(self, trainer, pl_module, batch, canaries: list, before: dict, breaches: list[str]) -> bool:
+    def _quarantine(self, trainer, pl_module, batch, canaries: list, breaches: list[str]) -> bool:
         """Revert the batch, find its culprits, quarantine them and apply the rest. False where no culprit
         can be isolated, with the state before the batch in place."""
         editor = pl_module.editor
         requests = list(batch.requests)
         editor.rollback(1)
-        self.state["last"] = before
         with editor.timer("guard"):
             culprits = self._culprits(editor, requests, canaries, breaches)
         bad = {id(r) for r, _ in culprits}
@@ -261,13 +261,12 @@ class CollapseGuard(L.Callback):
             return False
         editor.apply(rest, withheld=[r.case_id for r, _ in culprits])
         now = self.measure(editor, canaries)
-        _, still = self.signals(now, commit=False)
+        _, still, taken = self.signals(now)
         if still:
             print(f"sphere_pl: guard: batch {batch.index} without {[r.case_id for r, _ in culprits]} still breaches: " + "; ".join(still), flush=True)
             editor.rollback(1)
             return False
-        self.signals(now)
-        self.state["last"] = now
+        self._keep(now, taken)
         path = os.path.join(trainer.default_root_dir, "quarantine.jsonl")
         os.makedirs(trainer.default_root_dir, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:

@@ -145,7 +145,8 @@ class SequentialEditor(L.LightningModule):
         if not self.editor.batches_done or not hasattr(datamodule, "edit_batches"):
             return
         for batch, saved_ids, withheld in zip(datamodule.edit_batches[: self.editor.batches_done], self.editor.case_ids, self.editor.withheld):
-            ids = [r.case_id for r in batch.requests if r.case_id not in set(withheld)]  # less what a guard quarantined
+            left_out = set(withheld)  # what a guard quarantined
+            ids = [r.case_id for r in batch.requests if r.case_id not in left_out]
             if ids != saved_ids:
                 raise CheckpointMismatchError(
                     f"the checkpoint is from another run: its edit batch {batch.index} held case_ids {saved_ids}, "

@@ -25,8 +25,8 @@ def test_signals_score_each_he_step_against_the_median_of_the_steps_before_it():
     seen = []
     for t in range(1, len(he)):
         now = {"he/4": he[t], "norm/4": norms[t], "canary_specificity": 0.8 - 0.1 * (t == 5) * 4, "perplexity": 20.0 + 25.0 * (t == 5)}
-        values, breaches = guard.signals(now)
-        guard.state["last"] = now
+        values, breaches, taken = guard.signals(now)
+        guard._keep(now, taken)  # every batch stays applied here
         seen.append((values, breaches))
     steps = [abs(b - a) for a, b in zip(he, he[1:])]
     for t, (values, breaches) in enumerate(seen):
