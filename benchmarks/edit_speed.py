@@ -30,7 +30,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from sphere_pl import EditDataModule, FactMonitor, HypersphericalEnergyMonitor, SequentialEditor, SphereProjection
+from sphere_pl import EditDataModule, FactMonitor, HypersphericalEnergyMonitor, PretrainedModel, SequentialEditor, SphereProjection
 from sphere_pl.lightning import EditingStrategy
 from sphere_pl.editing.methods import METHODS, LocateThenEdit
 from sphere_pl.editing.stats import KeyStatistics
@@ -243,14 +243,14 @@ def main() -> None:
     baseline = rss_gb()  # interpreter, torch, transformers, lightning imported
     allocated = AllocatedPeak().start() if args.malloc_peak else None
     start = time.perf_counter()
-    settings = dict(dtype=args.dtype, method=method, filters=[SphereProjection(0.5, method.sphere_strength)])
     if args.random_init:
         from random_model import build_random_model
 
         model, tokenizer = build_random_model(args.random_init, args.tokenizer, args.dtype, device)
-        editor = SequentialEditor.from_model(model, tokenizer, model_name_or_path=f"random:{args.random_init}", **settings)
+        pretrained = PretrainedModel.wrap(model, tokenizer, f"random:{args.random_init}", args.dtype)
     else:
-        editor = SequentialEditor(model_name_or_path=args.model, **settings)
+        pretrained = PretrainedModel(args.model, args.dtype)
+    editor = SequentialEditor(pretrained, method=method, filters=[SphereProjection(0.5, method.sphere_strength)])
     load_s = time.perf_counter() - start
     peaks = PeakByPhase()
     editor.editor.lm.timer.observers.append(peaks)

@@ -68,7 +68,7 @@ def main() -> int:
         model_dir = save_tiny_model(tmp / "tiny-model", seed=0)
         tiny = {
             "trainer": {"accelerator": "cpu", "enable_model_summary": False},
-            "model": {"model_name_or_path": model_dir, "method": {"class_path": "sphere_pl.AlphaEdit", "init_args": {
+            "model": {"model": {"name_or_path": model_dir}, "method": {"class_path": "sphere_pl.AlphaEdit", "init_args": {
                 "layers": [1, 2], "values": {"num_grad_steps": 5, "lr": 0.5, "requests_per_pass": 4, "recompute_activations": False},
                 "stats": {"corpus": str(CORPUS), "num_samples": 20, "seq_len": 64, "cache_dir": str(tmp / "stats")},
                 "context_templates": ["Hello there. {}", "A b c. {}"]}}},

@@ -7,7 +7,7 @@ wraps it for configured, logged, checkpointed runs (`python -m sphere_pl fit --c
 from .data import EditBatch, EditDataError, EditRequest, load_edit_requests
 from .editing import METHODS, AlphaEdit, EditFailedError, EditMethod, Editor, LocateThenEdit, Patch, PatchError, create_method, register_method
 from .editing.methods import MEMIT, PRUNE, RECT, ROME, FineTune
-from .models import load_model_and_tokenizer
+from .models import PretrainedModel, load_model_and_tokenizer
 from .sphere import SphereProjection, hyperspherical_energy
 from .lightning import CollapseGuard, CollapseStop, EditCheckpoint, EditDataModule, FactMonitor, GeneralAbilityMonitor, HEAnalysis, HypersphericalEnergyMonitor, RunSummary, SequentialEditor
 
@@ -36,6 +36,7 @@ __all__ = [
     "LocateThenEdit",
     "Patch",
     "PatchError",
+    "PretrainedModel",
     "RunSummary",
     "SequentialEditor",
     "SphereProjection",

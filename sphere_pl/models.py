@@ -181,6 +181,57 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+class PretrainedModel:
+    """A causal LM and its tokenizer, loaded, with the settings that say which model it is.
+
+    The config's `model.model:` section; the CLI builds it (loading the weights) and hands it to
+    `SequentialEditor`, which edits the model it is given. Checkpoints and patches record
+    `settings()` so that `export`/`apply` load the same base model again. `wrap` takes a model
+    built elsewhere (on a GPU from a config, shared by several runs) without loading anything.
+
+    Args:
+        name_or_path: Hugging Face hub name or local directory; None: the embedded SmolLM2-135M-Instruct.
+        dtype: float32, bfloat16, float16 or float64.
+        gguf_file: GGUF file inside `name_or_path`, if the weights are in that format.
+        trust_remote_code: let transformers run the model repository's own code (off unless set).
+        module_templates: override module names ({} = layer index): down_proj, layer, layers, final_norm, lm_head.
+    """
+
+    def __init__(self, name_or_path: str | None = None, dtype: str = "float32", gguf_file: str | None = None,
+                 trust_remote_code: bool = False, module_templates: dict[str, str] | None = None):
+        model, tokenizer = load_model_and_tokenizer(name_or_path, dtype, gguf_file, trust_remote_code)
+        self._describe(model, tokenizer, name_or_path, dtype, gguf_file, trust_remote_code, module_templates)
+
+    @classmethod
+    def wrap(cls, model: nn.Module, tokenizer, name_or_path: str | None = None, dtype: str = "float32", gguf_file: str | None = None,
+             trust_remote_code: bool = False, module_templates: dict[str, str] | None = None) -> "PretrainedModel":
+        """A model and tokenizer already built; the settings still name it in checkpoints and patches."""
+        wrapped = cls.__new__(cls)
+        wrapped._describe(model, tokenizer, name_or_path, dtype, gguf_file, trust_remote_code, module_templates)
+        return wrapped
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "PretrainedModel":
+        """Load the model a checkpoint's or patch's `settings()` describe."""
+        return cls(settings.get("model_name_or_path"), settings.get("dtype", "float32"), settings.get("gguf_file"),
+                   settings.get("trust_remote_code", False), settings.get("module_templates"))
+
+    def _describe(self, model, tokenizer, name_or_path, dtype, gguf_file, trust_remote_code, module_templates) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.name_or_path, self.dtype, self.gguf_file = name_or_path, dtype, gguf_file
+        self.trust_remote_code, self.module_templates = trust_remote_code, module_templates
+
+    @property
+    def model_id(self) -> str:
+        """What checkpoints and patches call the model: its hub name or path, and GGUF file if any."""
+        return (self.name_or_path or EMBEDDED_MODEL) + (f"/{self.gguf_file}" if self.gguf_file else "")
+
+    def settings(self) -> dict:
+        """How to load it again (the keys checkpoints have always recorded)."""
+        return dict(model_name_or_path=self.name_or_path, gguf_file=self.gguf_file, dtype=self.dtype,
+                    trust_remote_code=self.trust_remote_code, module_templates=self.module_templates)
+
+
 def prepare_tokenizer(tokenizer):
     """Right padding and a pad token: the editors index positions from the left."""
     if tokenizer.pad_token is None:

@@ -39,7 +39,7 @@ def test_method_configs_share_the_model_files(tmp_path, model, method, forked_cl
     chosen = config["model"]["method"]
     assert chosen["class_path"] == METHOD_CLASSES[method]
     common = yaml.safe_load((directory / "common.yaml").read_text())
-    assert config["model"]["model_name_or_path"] == common["model"]["model_name_or_path"]
+    assert config["model"]["model"]["init_args"]["name_or_path"] == common["model"]["model"]["name_or_path"]
     if method != "ft":  # FT-L has no key statistics or value search
         for name in ("stats", "values"):
             shared = yaml.safe_load((directory / f"{name}.yaml").read_text())

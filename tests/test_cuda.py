@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from conftest import CONTEXT_TEMPLATES, CORPUS
 from helpers import CrashBeforeBatch, SimulatedCrash
-from sphere_pl import EditCheckpoint, EditDataModule, HypersphericalEnergyMonitor, SequentialEditor
+from sphere_pl import EditCheckpoint, EditDataModule, HypersphericalEnergyMonitor, PretrainedModel, SequentialEditor
 from sphere_pl.editing.methods import AlphaEdit
 from sphere_pl.editing.stats import KeyStatistics, accumulate_moments, model_fingerprint
 from sphere_pl.editing.values import ValueOptimization
@@ -48,7 +48,7 @@ class DeviceRecorder(L.Callback):
 
 def fit(model_dir, stats_cache, root: Path, accelerator: str, dtype="float32", callbacks=(), ckpt_path=None, strategy="auto", **values):
     """A full Lightning run: three batches of four quickstart facts, HE every batch, a checkpoint per batch."""
-    editor = SequentialEditor(model_name_or_path=model_dir, dtype=dtype, method=make_method(stats_cache, **values))
+    editor = SequentialEditor(PretrainedModel(model_dir, dtype), method=make_method(stats_cache, **values))
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,

@@ -185,7 +185,7 @@ HINTS: dict[type[Exception], str] = {
     EditSourceError: "check data.source (a local JSON/JSONL file, a named source or a URL) and data.schema",
     PatchError: "use a patch exported (sphere-pl export) from a run on this model and these base weights",
     SettingsError: "change model.method.init_args (e.g. layers: [4, 5, 6, 7, 8] fits a model with at least 9 layers)",
-    ModelLoadError: "set model.model_name_or_path to a saved model directory or a hub name (null: the embedded SmolLM2)",
+    ModelLoadError: "set model.model.name_or_path to a saved model directory or a hub name (null: the embedded SmolLM2)",
     CheckpointMismatchError: "resume with the config of the run that wrote this checkpoint (same model, data and seed), or start without --ckpt_path",
     StatisticsFileError: "point stats.from_file at the .npz files computed for this model (<module>_<dtype>_mom2_<n>.npz), or remove it to compute C0",
     CheckpointFormatError: "resume from a *.ckpt written by fit (the previous numbered checkpoint if the last one is damaged)",

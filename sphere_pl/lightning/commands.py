@@ -20,7 +20,7 @@ from ..editing.editor import rollback_state
 from ..editing.methods.base import METHODS
 from ..editing.patch import Patch, PatchError, base_fingerprint
 from .checkpoint_io import CheckpointFormatError, load_checkpoint_file, save_checkpoint_file
-from ..models import EMBEDDED_MODEL, linear_weight, load_model_and_tokenizer, set_linear_weight
+from ..models import EMBEDDED_MODEL, PretrainedModel, linear_weight, set_linear_weight
 
 
 class CommandError(SystemExit):
@@ -54,9 +54,8 @@ def _load_settings(load: dict, model: str | None, dtype: str | None) -> dict:
 
 
 def _load_model(settings: dict):
-    return load_model_and_tokenizer(
-        settings.get("model_name_or_path"), settings.get("dtype", "float32"), settings.get("gguf_file"), settings.get("trust_remote_code", False)
-    )
+    loaded = PretrainedModel.from_settings(settings)
+    return loaded.model, loaded.tokenizer
 
 
 def _is_gguf(settings: dict) -> bool:

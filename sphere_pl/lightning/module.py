@@ -22,7 +22,7 @@ from ..editing.editor import CheckpointMismatchError, EditFailedError, Editor
 from ..editing.methods.base import EditMethod
 from ..editing.patch import Patch
 from ..editing.writer import DeltaFilter
-from ..models import EMBEDDED_MODEL, load_model_and_tokenizer
+from ..models import PretrainedModel
 from .recorder import RunRecorder
 
 # Lightning's advice for gradient training does not apply to an editing run: the model is
@@ -35,11 +35,8 @@ __all__ = ["EditFailedError", "SequentialEditor"]
 
 class SequentialEditor(L.LightningModule):
     """Args:
-    model_name_or_path: Hugging Face hub name or local path; None: the embedded SmolLM2-135M-Instruct.
-    gguf_file: GGUF file inside `model_name_or_path`, if the weights are in that format.
-    dtype: float32, bfloat16, float16 or float64.
-    trust_remote_code: let transformers run the model repository's own code (off unless set).
-    module_templates: override module names ({} = layer index): down_proj, layer, layers, final_norm, lm_head.
+    model: the model to edit, built (`PretrainedModel`: the CLI builds it from `model.model:`;
+        `PretrainedModel.wrap` takes one built elsewhere). None: the embedded SmolLM2-135M-Instruct.
     method: a registered method name ("alphaedit") or an EditMethod (class_path + init_args).
     filters: delta filters applied to every delta after the method's own post-processing, in
         order (None: the SPHERE projection with the paper's η = 0.5 and the method's α: 0.5 on
@@ -54,11 +51,7 @@ class SequentialEditor(L.LightningModule):
 
     def __init__(
         self,
-        model_name_or_path: str | None = None,
-        gguf_file: str | None = None,
-        dtype: str = "float32",
-        trust_remote_code: bool = False,
-        module_templates: dict[str, str] | None = None,
+        model: PretrainedModel | None = None,
         method: str | EditMethod = "alphaedit",
         filters: list[DeltaFilter] | None = None,
         history_size: int = 2,
@@ -66,35 +59,14 @@ class SequentialEditor(L.LightningModule):
         cases_dir: str | None = None,
     ):
         super().__init__()
-        model, tokenizer = load_model_and_tokenizer(model_name_or_path, dtype, gguf_file, trust_remote_code)
-        self._build(model, tokenizer, dict(model_name_or_path=model_name_or_path, gguf_file=gguf_file, dtype=dtype,
-                                           trust_remote_code=trust_remote_code, module_templates=module_templates),
-                    method, filters, history_size, scoring_batch_size, cases_dir)
-
-    @classmethod
-    def from_model(
-        cls, model: torch.nn.Module, tokenizer, model_name_or_path: str | None = None, gguf_file: str | None = None, dtype: str = "float32",
-        trust_remote_code: bool = False, module_templates: dict[str, str] | None = None, method: str | EditMethod = "alphaedit",
-        filters: list[DeltaFilter] | None = None, history_size: int = 2, scoring_batch_size: int = 32, cases_dir: str | None = None,
-    ) -> "SequentialEditor":
-        """An editor over a model and tokenizer that are already built (on a GPU from a config, shared
-        by several runs, ...) instead of loaded. Give the settings that say what the model is all the
-        same (`model_name_or_path`, `dtype`): checkpoints and patches record them."""
-        module = cls.__new__(cls)
-        L.LightningModule.__init__(module)
-        module._build(model, tokenizer, dict(model_name_or_path=model_name_or_path, gguf_file=gguf_file, dtype=dtype,
-                                             trust_remote_code=trust_remote_code, module_templates=module_templates),
-                      method, filters, history_size, scoring_batch_size, cases_dir)
-        return module
-
-    def _build(self, model, tokenizer, load: dict, method, filters, history_size: int, scoring_batch_size: int, cases_dir: str | None) -> None:
-        self.save_hyperparameters({**load, "history_size": history_size, "scoring_batch_size": scoring_batch_size, "cases_dir": cases_dir})
+        pretrained = model if model is not None else PretrainedModel()
+        self.load_settings = pretrained.settings()  # checkpoints and patches record how to load it again
+        self.save_hyperparameters({**self.load_settings, "history_size": history_size, "scoring_batch_size": scoring_batch_size, "cases_dir": cases_dir})
         self.strict_loading = False  # checkpoints keep no module state dict (see on_save_checkpoint)
-        model_id = (load["model_name_or_path"] or EMBEDDED_MODEL) + (f"/{load['gguf_file']}" if load["gguf_file"] else "")
-        self.load_settings = load
-        self.editor = Editor(model, tokenizer, method, filters, model_id, load["module_templates"], history_size, scoring_batch_size)
+        self.editor = Editor(pretrained.model, pretrained.tokenizer, method, filters, pretrained.model_id, pretrained.module_templates,
+                             history_size, scoring_batch_size)
         # registered as submodules so that Lightning moves them to the run's device
-        self.model = model
+        self.model = pretrained.model
         self.method = self.editor.method
         self.filters = torch.nn.ModuleList(self.editor.filters)
         self.recorder = RunRecorder(self.editor, cases_dir)

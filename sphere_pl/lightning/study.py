@@ -494,11 +494,22 @@ def _without_paths(config: dict) -> dict:
 
 def _with_old_defaults(config: dict) -> dict:
     """A recorded fit config with the values that settings added later had then, where they changed
-    what a run does: ZsRE edits taught `alt` before `data.zsre_target` existed."""
+    what a run does (ZsRE edits taught `alt` before `data.zsre_target` existed), and settings that
+    moved in the new place (the model's loading settings, now `model.model`)."""
     data = config.get("data") or {}
     if "zsre_target" not in data and data.get("schema") == "zsre":
         config = {**config, "data": {**data, "zsre_target": "alt"}}
+    model = config.get("model") or {}
+    if "model_name_or_path" in model:  # what is loaded had no section of its own before `PretrainedModel`
+        loading = {key: model.get(old) for key, old in _MOVED_TO_MODEL_SECTION.items()}
+        model = {k: v for k, v in model.items() if k not in _MOVED_TO_MODEL_SECTION.values()}
+        config = {**config, "model": {**model, "model": {"class_path": "sphere_pl.PretrainedModel", "init_args": loading}}}
     return config
+
+
+# PretrainedModel's arguments and the SequentialEditor arguments they were
+_MOVED_TO_MODEL_SECTION = {"name_or_path": "model_name_or_path", "dtype": "dtype", "gguf_file": "gguf_file",
+                           "trust_remote_code": "trust_remote_code", "module_templates": "module_templates"}
 
 
 def _differences(a, b, where: str = "") -> list[str]:

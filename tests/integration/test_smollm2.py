@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from sphere_pl import AlphaEdit, EditDataModule, FactMonitor, HypersphericalEnergyMonitor, SequentialEditor, SphereProjection
+from sphere_pl import AlphaEdit, EditDataModule, FactMonitor, HypersphericalEnergyMonitor, PretrainedModel, SequentialEditor, SphereProjection
 from sphere_pl.evaluation.counterfact import CounterFactEvaluator
 from sphere_pl.editing.values import ValueOptimization
 from sphere_pl.editing.stats import KeyStatistics
@@ -29,7 +29,7 @@ def test_eight_real_edits_take_and_unrelated_facts_survive(tmp_path, smollm2):
         stats=KeyStatistics(corpus=str(CORPUS), num_samples=100, seq_len=256, cache_dir=str(tmp_path / "stats")),
     )
     # the session's SmolLM2 (conftest `smollm2`: `load_model_and_tokenizer(None)`, weights put back after the test)
-    editor = SequentialEditor.from_model(*smollm2, method=method, filters=[SphereProjection(0.5, 0.5, "current")])
+    editor = SequentialEditor(PretrainedModel.wrap(*smollm2), method=method, filters=[SphereProjection(0.5, 0.5, "current")])
     assert editor.model is smollm2[0]
     data = EditDataModule(source="quickstart", num_edits=4, dataset_size_limit=8, num_holdout=20, seed=0)
     data.setup("fit")

@@ -174,7 +174,7 @@ def checkpoint(kind: str):
         elif kind == "patch":
             path = ctx["patch"]
         elif kind == "other-model":
-            config["model"]["model_name_or_path"] = ctx["other"]
+            config["model"]["model"] = {"name_or_path": ctx["other"]}
             path = ctx["last"]
         elif kind == "other-run":
             config["data"]["seed"] = 1
@@ -188,7 +188,7 @@ def patch(kind: str):
     def apply(ctx, tmp):
         config = copy.deepcopy(ctx["config"])
         if kind == "other-model":
-            config["model"]["model_name_or_path"] = ctx["other"]
+            config["model"]["model"] = {"name_or_path": ctx["other"]}
             path = ctx["patch"]
         elif kind == "json":
             path = tmp / "edits.json"
@@ -237,7 +237,7 @@ ROWS = [
      r"accumulate_dtype must be one of \['float32', 'float64'\], got 'bfloat16'"),
     ("config-zero-edits-per-batch", config_change(**{"data.num_edits": 0}), r"num_edits must be at least 1, got 0"),
     ("config-huge-value-lr", config_change(**{"model.method.init_args.values": {"num_grad_steps": 5, "lr": 1e30}}), r"values.lr \(1e\+30"),
-    ("config-missing-model-path", config_change(**{"model.model_name_or_path": "/nonexistent/tiny-model"}), r"model path not found: /nonexistent/tiny-model"),
+    ("config-missing-model-path", config_change(**{"model.model.name_or_path": "/nonexistent/tiny-model"}), r"model path not found: /nonexistent/tiny-model"),
     # --------------------------------------------------------------- edit files
     ("edits-empty-file", with_records(""), r"edits.json is empty: expected a JSON list of records"),
     ("edits-empty-list", with_records("[]\n"), r"edits.json holds an empty list: no records to edit"),

@@ -44,7 +44,7 @@ def run_config(model_dir: str, stats_cache: str, root: Path, **overrides) -> dic
             "default_root_dir": str(root),
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "csv"}},
         },
-        "model": {"model_name_or_path": model_dir, "history_size": 2, "method": {"class_path": "sphere_pl.AlphaEdit", "init_args": method_args}},
+        "model": {"model": {"name_or_path": model_dir}, "history_size": 2, "method": {"class_path": "sphere_pl.AlphaEdit", "init_args": method_args}},
         "data": {"source": "quickstart", "dataset_size_limit": NUM_EDITS * NUM_BATCHES, "num_edits": NUM_EDITS, "num_holdout": 4, "cache_dir": str(root / "data-cache")},
         "checkpoint": {"dirpath": str(root / "checkpoints"), "keep_last": None},
     }
@@ -247,7 +247,7 @@ def test_validate_and_test_evaluate_a_patch_without_its_checkpoint(fitted, other
 
     # refusals, each naming the problem
     other = write_config(root / "other.yaml", {**yaml.safe_load(Path(fitted["config"]).read_text()), "model": {
-        **yaml.safe_load(Path(fitted["config"]).read_text())["model"], "model_name_or_path": other_model_dir}})  # fmt: skip
+        **yaml.safe_load(Path(fitted["config"]).read_text())["model"], "model": {"name_or_path": other_model_dir}}})  # fmt: skip
     result = forked_cli(["validate", "--config", other, "--patch", str(patch)], root, env, ok=False)
     assert "base fingerprint" in result.stderr and str(patch) in result.stderr
     result = forked_cli(["validate", "--config", fitted["config"], "--patch", str(root / "missing.safetensors")], root, env, ok=False)

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from sphere_pl import FactMonitor, GeneralAbilityMonitor, HEAnalysis, HypersphericalEnergyMonitor, SequentialEditor
+from sphere_pl import FactMonitor, GeneralAbilityMonitor, HEAnalysis, HypersphericalEnergyMonitor, PretrainedModel, SequentialEditor
 from sphere_pl.evaluation.general import NLITask, PerplexityTask, ReasoningTask
 from sphere_pl.evaluation.generative_efficacy import GenerativeEfficacyEvaluator
 from sphere_pl.lightning import EditDataModule
@@ -57,7 +57,7 @@ def run(tiny_model_dir, stats_cache, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("evaluation-run")
     editor = SequentialEditor(
-        model_name_or_path=tiny_model_dir,
+        PretrainedModel(tiny_model_dir),
         method=AlphaEdit(**tiny_method_kwargs(stats_cache)["alphaedit"]),
         cases_dir=str(root / "cases"),
     )
@@ -144,7 +144,7 @@ def test_validate_measures_general_ability_of_the_edited_model(run, tiny_model_d
 def test_a_bad_task_file_stops_the_run_before_any_edit(tiny_model_dir, tiny_method, tmp_path):
     bad = tmp_path / "nli.tsv"
     bad.write_text("index\tsentence1\tsentence2\tlabel\n0\tA man sleeps.\tA man rests.\tmaybe\n")
-    editor = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
+    editor = SequentialEditor(PretrainedModel(tiny_model_dir), method=tiny_method())
     before = editor.model.model.layers[1].mlp.down_proj.weight.detach().clone()
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,

@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from conftest import CONTEXT_TEMPLATES, CORPUS
 from helpers import CrashBeforeBatch, SimulatedCrash, cli_env, run_cli
-from sphere_pl import EditCheckpoint, EditDataModule, FactMonitor, HypersphericalEnergyMonitor, SequentialEditor
+from sphere_pl import EditCheckpoint, EditDataModule, FactMonitor, HypersphericalEnergyMonitor, PretrainedModel, SequentialEditor
 from sphere_pl.data.readers import EditSourceError
 from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
 from sphere_pl.lightning.loggers import find_offline_runs, read_offline_history
@@ -180,7 +180,7 @@ class Recorder(L.Callback):
 
 
 def run_uninterrupted(tiny_model_dir, tiny_method, tmp_path, name="reference", **data_overrides):
-    editor = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
+    editor = SequentialEditor(PretrainedModel(tiny_model_dir), method=tiny_method())
     recorder = Recorder()
     trainer = make_trainer(tmp_path / name, recorder, logger=csv_logger(tmp_path / name))
     trainer.fit(editor, quickstart_data(tmp_path, **data_overrides))
@@ -189,14 +189,14 @@ def run_uninterrupted(tiny_model_dir, tiny_method, tmp_path, name="reference", *
 
 def run_interrupted_then_resumed(tiny_model_dir, tiny_method, tmp_path, crash_before: int):
     """Crash before batch `crash_before`; resume a fresh editor from the checkpoint written after the batch before."""
-    interrupted = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
+    interrupted = SequentialEditor(PretrainedModel(tiny_model_dir), method=tiny_method())
     crashing = make_trainer(tmp_path / "interrupted", CrashBeforeBatch(crash_before))
     with pytest.raises(SimulatedCrash):
         crashing.fit(interrupted, quickstart_data(tmp_path))
     ckpt = tmp_path / "interrupted" / "checkpoints" / f"edits-{crash_before * NUM_EDITS:06d}.ckpt"
     assert ckpt.is_file()
 
-    resumed = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
+    resumed = SequentialEditor(PretrainedModel(tiny_model_dir), method=tiny_method())
     recorder = Recorder()
     trainer = make_trainer(tmp_path / "resumed", recorder, logger=csv_logger(tmp_path / "resumed"))
     trainer.fit(resumed, quickstart_data(tmp_path), ckpt_path=str(ckpt))
@@ -254,12 +254,12 @@ def test_resumed_run_equals_uninterrupted_run(tiny_model_dir, tiny_method, tmp_p
 def test_keep_last_holds_across_resume(tiny_model_dir, tiny_method, tmp_path):
     """A resumed run writing to the same directory keeps only the newest `keep_last` numbered checkpoints."""
     directory = tmp_path / "run" / "checkpoints"
-    editor = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
+    editor = SequentialEditor(PretrainedModel(tiny_model_dir), method=tiny_method())
     with pytest.raises(SimulatedCrash):
         make_trainer(tmp_path / "run", CrashBeforeBatch(2), keep_last=2).fit(editor, quickstart_data(tmp_path))
     assert sorted(p.name for p in directory.glob("edits-*.ckpt")) == ["edits-000004.ckpt", "edits-000008.ckpt"]
 
-    resumed = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
+    resumed = SequentialEditor(PretrainedModel(tiny_model_dir), method=tiny_method())
     trainer = make_trainer(tmp_path / "run", keep_last=2)
     trainer.fit(resumed, quickstart_data(tmp_path), ckpt_path=str(directory / "edits-000008.ckpt"))
     assert resumed.editor.edits_applied == NUM_FACTS
@@ -270,7 +270,7 @@ def test_keep_last_holds_across_resume(tiny_model_dir, tiny_method, tmp_path):
 
 
 def test_checkpoint_holds_only_edited_weights_and_method_state(tiny_model_dir, tiny_method, tmp_path):
-    editor = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method(), history_size=2)
+    editor = SequentialEditor(PretrainedModel(tiny_model_dir), method=tiny_method(), history_size=2)
     make_trainer(tmp_path).fit(editor, quickstart_data(tmp_path))
     directory = tmp_path / "checkpoints"
     names = down_proj_names(editor)
@@ -340,7 +340,7 @@ def test_bad_record_stops_the_run_before_any_edit(tiny_model_dir, tiny_method, t
         source=write_json(tmp_path / "edits.json", records), num_edits=2, num_holdout=0, shuffle=False,
         cache_dir=str(tmp_path / "data-cache"),
     )
-    editor = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
+    editor = SequentialEditor(PretrainedModel(tiny_model_dir), method=tiny_method())
     with pytest.raises(EditDataError) as failure:
         make_trainer(tmp_path / "run").fit(editor, data)
     message = str(failure.value)
@@ -371,7 +371,7 @@ def _truncated_json(directory: Path) -> str:
 def test_unreadable_source_stops_the_run_before_any_edit(tiny_model_dir, tiny_method, tmp_path, make_source, error):
     source = make_source(tmp_path)
     data = EditDataModule(source=source, num_edits=2, num_holdout=0, cache_dir=str(tmp_path / "data-cache"))
-    editor = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
+    editor = SequentialEditor(PretrainedModel(tiny_model_dir), method=tiny_method())
     with pytest.raises(error) as failure:
         make_trainer(tmp_path / "run").fit(editor, data)
     assert source in str(failure.value)
@@ -432,7 +432,7 @@ def test_non_finite_update_rolls_back_the_batch(tiny_model_dir, tiny_method, tmp
 
     method = tiny_method()
     poisoned = poison_second_layer(method, bad_call=1)
-    editor = SequentialEditor(model_name_or_path=tiny_model_dir, method=method)
+    editor = SequentialEditor(PretrainedModel(tiny_model_dir), method=method)
     recorder = Recorder()
     failing_data = data()
     with pytest.raises(EditFailedError) as failure:
@@ -464,13 +464,13 @@ def test_non_finite_update_rolls_back_the_batch(tiny_model_dir, tiny_method, tmp
     assert len(last["sphere_pl"]["method"]["_extra_state"]["batch_keys"]) == 1  # C_p is rebuilt from batch 0's keys
 
     # resuming from it with a healthy method completes the run, as if nothing had failed
-    resumed = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
+    resumed = SequentialEditor(PretrainedModel(tiny_model_dir), method=tiny_method())
     resumed_recorder = Recorder()
     make_trainer(tmp_path / "run", resumed_recorder).fit(resumed, data(), ckpt_path=str(directory / "last.ckpt"))
     assert resumed_recorder.batch_indices == [1, 2]
     assert resumed.editor.edits_applied == NUM_FACTS
 
-    healthy = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
+    healthy = SequentialEditor(PretrainedModel(tiny_model_dir), method=tiny_method())
     make_trainer(tmp_path / "healthy").fit(healthy, data())
     assert max_abs_diff(edited_weights(resumed), edited_weights(healthy)) <= 1e-6
     assert max_abs_diff(edited_weights(resumed), after_batch_0) > 1e-5
@@ -535,7 +535,7 @@ def test_he_is_that_of_the_evaluated_weights_and_the_live_ones_are_logged_beside
     from conftest import tiny_method_kwargs
     from sphere_pl import PRUNE
 
-    editor = SequentialEditor(model_name_or_path=tiny_model_dir, method=PRUNE(**tiny_method_kwargs(stats_cache)["prune"]))
+    editor = SequentialEditor(PretrainedModel(tiny_model_dir), method=PRUNE(**tiny_method_kwargs(stats_cache)["prune"]))
     weights = LowRestraintBound()
     trainer = make_trainer(tmp_path, weights, logger=csv_logger(tmp_path))
     trainer.fit(editor, quickstart_data(tmp_path))
@@ -603,7 +603,7 @@ class EvaluationProbe(L.Callback):
 
 def test_metrics_logged_every_eval_every_batches_on_a_fixed_sample(tiny_model_dir, tiny_method, tmp_path):
     sample_size = 3
-    editor = SequentialEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
+    editor = SequentialEditor(PretrainedModel(tiny_model_dir), method=tiny_method())
     facts = FactMonitor(every_n_batches=2, sample_size=sample_size)
     data = quickstart_data(tmp_path, eval_requests_per_batch=5)  # validation in uneven chunks of 5, 5, 2
     probe = EvaluationProbe(data, facts)
@@ -671,14 +671,14 @@ def test_edited_sample_depends_only_on_the_edited_facts(tiny_model_dir, tiny_met
 # -------------------------------------------------------------------- 7. CLI + W&B
 
 
-def test_from_model_edits_the_model_it_is_given_as_the_loaded_one_is_edited(tiny_model_dir, tiny_method, tmp_path):
-    """`SequentialEditor.from_model` wraps an already-built model (that object, not a copy) and edits it
-    bit for bit as the editor that loads the same weights by path."""
+def test_a_wrapped_model_is_edited_as_the_loaded_one_is(tiny_model_dir, tiny_method, tmp_path):
+    """`PretrainedModel.wrap` hands the editor an already-built model (that object, not a copy), which is
+    edited bit for bit as the one `PretrainedModel` loads from the same path."""
     reference, _, _ = run_uninterrupted(tiny_model_dir, tiny_method, tmp_path)
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
-    editor = SequentialEditor.from_model(model, tokenizer, model_name_or_path=tiny_model_dir, method=tiny_method())
+    editor = SequentialEditor(PretrainedModel.wrap(model, tokenizer, tiny_model_dir), method=tiny_method())
     assert editor.model is model and editor.editor.tokenizer is tokenizer
-    assert "_model_and_tokenizer" not in editor.hparams
+    assert editor.load_settings == PretrainedModel(tiny_model_dir).settings()  # checkpoints name it as a loaded one
     make_trainer(tmp_path / "prebuilt").fit(editor, quickstart_data(tmp_path))
     assert editor.editor.edits_applied == NUM_FACTS
     assert max_abs_diff(edited_weights(editor), edited_weights(reference)) == 0
@@ -691,14 +691,18 @@ def test_print_config_shows_the_callback_sections(tmp_path):
     assert re.search(r"^he:$", result.stdout, re.M) and re.search(r"^checkpoint:$", result.stdout, re.M)
     assert set(config["he"]) >= {"s", "reduction", "every_n_batches"}
     assert set(config["checkpoint"]) >= {"dirpath", "every_n_batches", "keep_last"}
-    assert "model_name_or_path" in config["model"] and not any(k.startswith("_") for k in config["model"])  # from_model's argument stays out
+    assert config["model"]["model"] is None  # the embedded SmolLM2 in float32
+    given = yaml.safe_load(run_cli(["fit", "--print_config", "--model.model.dtype", "bfloat16"], tmp_path, cli_env(tmp_path)).stdout)
+    loading = given["model"]["model"]  # built by the CLI before the editor, from its own section
+    assert loading["class_path"] == "sphere_pl.PretrainedModel"
+    assert loading["init_args"]["dtype"] == "bfloat16" and loading["init_args"]["name_or_path"] is None
 
 
 def test_cli_fit_logs_to_offline_wandb_and_validate_restores_the_edits(tiny_model_dir, stats_cache, tmp_path):
     config = {
         "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False},
         "model": {
-            "model_name_or_path": tiny_model_dir,
+            "model": {"name_or_path": tiny_model_dir},
             "method": {
                 "class_path": "sphere_pl.AlphaEdit",
                 "init_args": {

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from conftest import CORPUS
-from sphere_pl import EditDataModule, SequentialEditor
+from sphere_pl import EditDataModule, PretrainedModel, SequentialEditor
 from sphere_pl.lightning import EditingStrategy
 from sphere_pl.lightning.cli import SphereCLI, TRAINER_DEFAULTS
 
@@ -30,7 +30,7 @@ class CountingEditor(SequentialEditor):
 
 
 def fit(tiny_model_dir, tiny_method, tmp_path, strategy) -> CountingEditor:
-    editor = CountingEditor(model_name_or_path=tiny_model_dir, method=tiny_method())
+    editor = CountingEditor(PretrainedModel(tiny_model_dir), method=tiny_method())
     data = EditDataModule(source="quickstart", dataset_size_limit=4, num_edits=2, num_holdout=0, cache_dir=str(tmp_path / "data"))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, strategy=strategy, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
@@ -65,7 +65,7 @@ def test_the_editing_strategy_runs_on_the_device_the_trainer_chooses(tiny_model_
 def test_the_cli_gives_single_device_runs_the_editing_strategy_and_leaves_ddp_alone(tiny_model_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"model": {
-        "model_name_or_path": tiny_model_dir,
+        "model": {"name_or_path": tiny_model_dir},
         "method": {"class_path": "sphere_pl.MEMIT", "init_args": {"layers": [1], "stats": {"corpus": str(CORPUS)}}},
     }}))
 

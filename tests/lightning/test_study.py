@@ -216,3 +216,26 @@ def test_a_run_recorded_before_a_setting_existed_resumes_and_a_changed_zsre_conv
     recorded.write_text(yaml.safe_dump(old))
     with pytest.raises(StudyConfigError, match=r"field data.zsre_target: 'alt' then, 'answer' now"):
         study.prepare(answer)
+
+
+def test_a_run_recorded_before_the_model_section_resumes_and_one_of_another_model_is_refused(tmp_path, monkeypatch):
+    """Runs recorded when the loading settings were SequentialEditor's own (`model.model_name_or_path`,
+    `model.dtype`) resume under `model.model`; the old layout naming another dtype is still another run."""
+    from sphere_pl.lightning.study import StudyConfigError, Study
+
+    monkeypatch.chdir(SHIPPED_STUDIES[0].parents[2])
+    study = Study.load(SHIPPED_STUDIES[[p.stem for p in SHIPPED_STUDIES].index("long_horizon")])
+    study.directory = tmp_path / "study"
+    variant = study.variants[0]
+    config = study.prepare(variant)
+    recorded = study.variant_dir(variant) / "fit-config.yaml"
+    old = yaml.safe_load(recorded.read_text())
+    loading = old["model"].pop("model")["init_args"]
+    old["model"].update(model_name_or_path=loading["name_or_path"], dtype=loading["dtype"], gguf_file=None,
+                        trust_remote_code=False, module_templates=None)
+    recorded.write_text(yaml.safe_dump(old))
+    assert study.prepare(variant) == config
+    old["model"]["dtype"] = "bfloat16"
+    recorded.write_text(yaml.safe_dump(old))
+    with pytest.raises(StudyConfigError, match=r"field model.model.init_args.dtype: 'bfloat16' then, 'float32' now"):
+        study.prepare(variant)
