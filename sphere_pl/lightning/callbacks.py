@@ -343,9 +343,16 @@ class EditProgressBar(TQDMProgressBar):
         bar.unit, bar.unit_scale = "edit", False
         return bar
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._count_from_here(trainer, pl_module)  # Lightning skips on_train_epoch_start when it resumes mid-epoch
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self._leave:
             self.train_progress_bar = self.init_train_tqdm()
+        self._count_from_here(trainer, pl_module)
+
+    def _count_from_here(self, trainer, pl_module) -> None:
         requests = getattr(trainer.datamodule, "edit_requests", None) if trainer.datamodule is not None else None
         bar, done = self.train_progress_bar, pl_module.editor.edits_applied
         bar.reset(total=len(requests) if requests is not None else None)

@@ -85,9 +85,15 @@ def test_sigterm_mid_run_says_how_far_it_got_exits_143_and_the_run_resumes(fork_
     assert f"sphere_pl: stopped by SIGTERM after {done} of {NUM_EDITS * NUM_BATCHES} edits ({done // NUM_EDITS} batches); its last checkpoint is {checkpoints / 'last.ckpt'}" in result.stderr
     assert "error: stopped by SIGTERM" in result.stderr and "--ckpt_path" in result.stderr and "Traceback" not in result.stderr
     assert not (checkpoints / "summary.json").exists() and not (tmp_path / "run" / "summary.json").exists()
-    resumed = run_cli_forked(fork_context, ["fit", "--config", config, "--ckpt_path", str(checkpoints / "last.ckpt")], tmp_path, env)
+    # resumed as a user would, with the progress bar (Lightning skips on_train_epoch_start mid-epoch)
+    resumed = run_cli_forked(fork_context, ["fit", "--config", config, "--ckpt_path", str(checkpoints / "last.ckpt"),
+                                            "--trainer.enable_progress_bar", "true"], tmp_path, env)
     assert load_checkpoint_file(checkpoints / "last.ckpt")["sphere_pl"]["edits_applied"] == NUM_EDITS * NUM_BATCHES
     assert "run summary" in resumed.stdout
+    total = NUM_EDITS * NUM_BATCHES
+    bar = resumed.stdout  # Lightning's bars write to stdout
+    assert "editing: 100%" in bar and f"| {total}/{total} [" in bar, bar[-2000:]
+    assert re.search(rf"\| {done}/{total} \[", bar)  # it counted on from where the run stopped
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare")
