@@ -323,6 +323,18 @@ class Editor:
             if state.get(key) != mine:
                 raise CheckpointMismatchError(f"the saved state was made for {what} {state.get(key)!r}, but this editor has {mine!r}")
 
+    def check_stream(self, batches: list[list]) -> None:
+        """Refuse a resumed run given other edits than its state says were applied: `batches` are the
+        case_ids of the stream's first `batches_done` batches (a withheld case_id is left out of both)."""
+        for index, (given, saved, withheld) in enumerate(zip(batches, self.case_ids, self.withheld)):
+            left_out = set(withheld)
+            ids = [c for c in given if c not in left_out]
+            if ids != saved:
+                raise CheckpointMismatchError(
+                    f"the checkpoint is from another run: its edit batch {index} held case_ids {saved}, "
+                    f"this run's data puts {ids} there (different data, order, seed or num_edits)"
+                )
+
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()`, checked against this model first.
 

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 
 from ..data.records import EditBatch, EditRequest
-from ..editing.editor import CheckpointMismatchError, EditFailedError, Editor
+from ..editing.editor import EditFailedError, Editor
 from ..editing.methods.base import EditMethod
 from ..editing.patch import Patch
 from ..editing.writer import DeltaFilter
@@ -113,17 +113,8 @@ class SequentialEditor(L.LightningModule):
 
     def on_train_start(self) -> None:
         """A resumed run must be given the batches its checkpoint says were applied."""
-        datamodule = self.trainer.datamodule
-        if not self.editor.batches_done or not hasattr(datamodule, "edit_batches"):
-            return
-        for batch, saved_ids, withheld in zip(datamodule.edit_batches[: self.editor.batches_done], self.editor.case_ids, self.editor.withheld):
-            left_out = set(withheld)  # what a guard quarantined
-            ids = [r.case_id for r in batch.requests if r.case_id not in left_out]
-            if ids != saved_ids:
-                raise CheckpointMismatchError(
-                    f"the checkpoint is from another run: its edit batch {batch.index} held case_ids {saved_ids}, "
-                    f"this run's data puts {ids} there (different data, order, seed or num_edits)"
-                )
+        batches = getattr(self.trainer.datamodule, "edit_batches", [])[: self.editor.batches_done]
+        self.editor.check_stream([[r.case_id for r in batch.requests] for batch in batches])
 
     # ------------------------------------------------------------- evaluation
     # Lightning runs its validation and test loops only when these exist; `FactMonitor` scores the batches.
