@@ -267,12 +267,8 @@ class CollapseGuard(L.Callback):
             editor.rollback(1)
             return False
         self._keep(now, taken)
-        path = os.path.join(trainer.default_root_dir, "quarantine.jsonl")
-        os.makedirs(trainer.default_root_dir, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            for request, signals in culprits:
-                f.write(json.dumps({"case_id": request.case_id, "batch": int(batch.index), "signals": signals}) + "\n")
         self.state.setdefault("quarantined", []).extend([{"case_id": r.case_id, "batch": int(batch.index), "signals": b} for r, b in culprits])
+        path = self._write_quarantine(trainer)
         print(f"sphere_pl: guard: batch {batch.index}: quarantined case_ids {[r.case_id for r, _ in culprits]} (written to {path}); "
               f"the other {len(rest)} request(s) applied, the run goes on", flush=True)
         return True
@@ -284,6 +280,23 @@ class CollapseGuard(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.check_can_revert(pl_module)
+        if self.enabled and (self.state.get("quarantined") or os.path.exists(self._quarantine_path(trainer))):
+            self._write_quarantine(trainer)  # a resumed run's file says what its checkpoint says
+
+    @staticmethod
+    def _quarantine_path(trainer) -> str:
+        return os.path.join(trainer.default_root_dir, "quarantine.jsonl")
+
+    def _write_quarantine(self, trainer) -> str:
+        """`quarantine.jsonl` mirrors the checkpointed guard state, rewritten whole (never appended): a run
+        killed after a quarantine and resumed from the checkpoint before it lists each record once."""
+        path = self._quarantine_path(trainer)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            for entry in self.state.get("quarantined", []):
+                f.write(json.dumps(entry) + "\n")
+        os.replace(path + ".tmp", path)
+        return path
 
     # ------------------------------------------------------------------ resuming
     def state_dict(self) -> dict:

@@ -5,11 +5,15 @@ batch exactly and ends with the checkpoint of the state before it, from which a 
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import statistics
+import time
 
 import pytest
 import torch
 
+from forked_cli import RunningCli
 from helpers import cli_env, run_cli
 from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
 from sphere_pl.lightning.guard import CollapseGuard
@@ -122,7 +126,7 @@ PLANTED = _record("planted", "The Louvre", "{} museum is in the city of", "Berli
 CANARY = _record("canary", "The Louvre", "{} is located in", "Berlin", "Paris", locality=("The Louvre museum is in the city of", "Paris"))
 
 
-def test_rollback_quarantines_the_planted_request_and_ends_as_a_run_without_it(smollm2, tmp_path):
+def test_rollback_quarantines_the_planted_request_and_ends_as_a_run_without_it(smollm2, fork_context, tmp_path):
     """The embedded SmolLM2, FT-L on layer 20 (configs/smollm2/ft.yaml's settings, no SPHERE), 2 batches of 4: the second
     holds the planted request. The guard catches the batch, bisects it to the planted request, applies the other 3 and
     goes on; the run's weights equal those of the stream without the planted record, its batches as the guard left them."""
@@ -173,3 +177,24 @@ def test_rollback_quarantines_the_planted_request_and_ends_as_a_run_without_it(s
     assert canary_before == 1.0 and editor.evaluate([requests["canary"]])["specificity_score"] == 1.0
     with editor.trial([requests["planted"]]):  # the planted record alone does break the canary
         assert editor.evaluate([requests["canary"]])["specificity_score"] == 0.0
+
+    # killed (SIGKILL) while it bisects batch 1, then resumed from the checkpoint before it: the same run
+    killed_root = tmp_path / "killed"
+    killed_config = {**config, "trainer": {**config["trainer"], "default_root_dir": str(killed_root),
+                                           "logger": {**config["trainer"]["logger"], "init_args": {"save_dir": str(killed_root), "name": "csv"}}},
+                     "checkpoint": {"dirpath": str(killed_root / "checkpoints")}}
+    killed_path = write_config(tmp_path / "killed.yaml", killed_config)
+    running = RunningCli(fork_context, ["fit", "--config", killed_path], tmp_path, cli_env(tmp_path))
+    deadline = time.monotonic() + 240
+    while "breached" not in (running.out.read_text() if running.out.exists() else ""):  # printed as the bisection starts
+        assert running.process.is_alive() and time.monotonic() < deadline, "the run ended before its breach"
+        time.sleep(0.05)
+    os.kill(running.process.pid, signal.SIGKILL)
+    assert running.result().returncode == -signal.SIGKILL
+    assert load_checkpoint_file(killed_root / "checkpoints" / "last.ckpt")["sphere_pl"]["case_ids"] == [[0, 1, 2, 3]]
+    (killed_root / "quarantine.jsonl").write_text('{"case_id": "stale", "batch": 1, "signals": []}\n')  # as if killed after writing it
+    run_cli(["fit", "--config", killed_path, "--ckpt_path", str(killed_root / "checkpoints" / "last.ckpt")], tmp_path, cli_env(tmp_path))
+    resumed = load_checkpoint_file(killed_root / "checkpoints" / "last.ckpt")["sphere_pl"]
+    assert resumed["case_ids"] == state["case_ids"] and resumed["withheld"] == state["withheld"]
+    assert all(torch.equal(resumed["weights"][k], state["weights"][k]) for k in expected)
+    assert (killed_root / "quarantine.jsonl").read_text() == (root / "quarantine.jsonl").read_text()  # each record once
