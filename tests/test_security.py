@@ -59,7 +59,7 @@ def test_no_pickle_module_is_used():
 
 
 def test_remote_code_is_off_unless_configured():
-    from sphere_pl import SequentialEditor, load_model_and_tokenizer
+    from sphere_pl import PretrainedModel, load_model_and_tokenizer
 
     assert inspect.signature(load_model_and_tokenizer).parameters["trust_remote_code"].default is False
-    assert inspect.signature(SequentialEditor).parameters["trust_remote_code"].default is False
+    assert inspect.signature(PretrainedModel).parameters["trust_remote_code"].default is False
