@@ -197,17 +197,25 @@ def test_every_shipped_study_config_passes_its_settings_check(path, tmp_path, mo
         assert config["data"]["source"].startswith("../shared/data/")
 
 
+def _first_variant_prepared(stem: str, tmp_path, monkeypatch):
+    """The shipped study `stem`'s first variant prepared in a temporary directory (from the repository
+    root, as the study configs' paths are): (study, variant, its config, its recorded fit-config.yaml)."""
+    from sphere_pl.lightning.study import Study
+
+    monkeypatch.chdir(SHIPPED_STUDIES[0].parents[2])
+    study = Study.load(SHIPPED_STUDIES[[p.stem for p in SHIPPED_STUDIES].index(stem)])
+    study.directory = tmp_path / "study"
+    variant = study.variants[0]
+    config = study.prepare(variant)
+    return study, variant, config, study.variant_dir(variant) / "fit-config.yaml"
+
+
 def test_a_run_recorded_before_a_setting_existed_resumes_and_a_changed_zsre_convention_is_refused(tmp_path, monkeypatch):
     """A setting sphere_pl added after a variant's run began is taken as the config gives it (and said);
     a ZsRE run recorded before `data.zsre_target` existed taught `alt`, so it does not resume under `answer`."""
-    from sphere_pl.lightning.study import StudyConfigError, Study
+    from sphere_pl.lightning.study import StudyConfigError
 
-    monkeypatch.chdir(SHIPPED_STUDIES[0].parents[2])
-    study = Study.load(SHIPPED_STUDIES[[p.stem for p in SHIPPED_STUDIES].index("zsre_targets")])
-    study.directory = tmp_path / "study"
-    answer = study.variants[0]
-    config = study.prepare(answer)
-    recorded = study.variant_dir(answer) / "fit-config.yaml"
+    study, answer, config, recorded = _first_variant_prepared("zsre_targets", tmp_path, monkeypatch)
     old = yaml.safe_load(recorded.read_text())
     old.pop("guard")  # a run recorded before the guard existed
     recorded.write_text(yaml.safe_dump(old))
@@ -221,14 +229,9 @@ def test_a_run_recorded_before_a_setting_existed_resumes_and_a_changed_zsre_conv
 def test_a_run_recorded_before_the_model_section_resumes_and_one_of_another_model_is_refused(tmp_path, monkeypatch):
     """Runs recorded when the loading settings were SequentialEditor's own (`model.model_name_or_path`,
     `model.dtype`) resume under `model.model`; the old layout naming another dtype is still another run."""
-    from sphere_pl.lightning.study import StudyConfigError, Study
+    from sphere_pl.lightning.study import StudyConfigError
 
-    monkeypatch.chdir(SHIPPED_STUDIES[0].parents[2])
-    study = Study.load(SHIPPED_STUDIES[[p.stem for p in SHIPPED_STUDIES].index("long_horizon")])
-    study.directory = tmp_path / "study"
-    variant = study.variants[0]
-    config = study.prepare(variant)
-    recorded = study.variant_dir(variant) / "fit-config.yaml"
+    study, variant, config, recorded = _first_variant_prepared("long_horizon", tmp_path, monkeypatch)
     old = yaml.safe_load(recorded.read_text())
     loading = old["model"].pop("model")["init_args"]
     old["model"].update(model_name_or_path=loading["name_or_path"], dtype=loading["dtype"], gguf_file=None,
