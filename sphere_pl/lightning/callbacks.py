@@ -227,6 +227,20 @@ class RunLock:
         fcntl.flock(self.handle.fileno(), fcntl.LOCK_UN)
         self.handle.close()
 
+    @classmethod
+    def held(cls, directory: Path) -> bool:
+        """Whether a running `fit` holds `directory` now (probed without taking it for longer than the probe)."""
+        path = Path(directory) / cls.NAME
+        if not path.exists():
+            return False
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            return False
+
 
 class RunSummary(L.Callback):
     """At the end of `fit`: a console table of the final metrics and the HE change per layer,

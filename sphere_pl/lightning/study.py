@@ -48,7 +48,8 @@ import yaml
 from ..evaluation import protocol
 from ..sphere.analysis import he_metric_correlations
 from .checkpoint_io import load_checkpoint_file
-from .collapse import CollapseRule
+from .callbacks import RunLock
+from .collapse import CollapseRule, start_value
 
 STATUS = "status.json"
 
@@ -178,8 +179,12 @@ class Study:
 
     # ---------------------------------------------------------------- running
     def status(self, variant: Variant) -> dict:
+        """What status.json says, or "running" while a `fit` holds the variant's checkpoint directory."""
         path = self.variant_dir(variant) / STATUS
-        return json.loads(path.read_text()) if path.exists() else {"status": "not started"}
+        status = json.loads(path.read_text()) if path.exists() else {"status": "not started"}
+        if status["status"] != "done" and RunLock.held(self.variant_dir(variant) / "checkpoints"):
+            status = {**status, "status": "running"}
+        return status
 
     def select(self, names: list[str]) -> list[Variant]:
         """The variants named (in the study's order); an unknown name is an error."""
@@ -198,8 +203,9 @@ class Study:
             self.prepare(variant)
         stopped = _Forwarder()
         for variant in chosen:
-            if self.status(variant)["status"] == "done":
-                print(f"study {self.name}: {variant.name}: done, skipped", flush=True)
+            if self.status(variant)["status"] in ("done", "running"):
+                # a variant another study process is running is left to it (its status file too)
+                print(f"study {self.name}: {variant.name}: {self.status(variant)['status']}, skipped", flush=True)
                 continue
             code = self._run_variant(variant, stopped)
             write_report(self)
@@ -291,7 +297,7 @@ def write_report(study: Study) -> Path:
     for variant in study.variants:
         vdir = study.variant_dir(variant)
         rows = variant_rows(vdir)
-        points = [r for r in rows if any(k.startswith(POINT_METRICS) for k in r)]
+        points = [_with_pre_edit_values(r, rows) for r in rows if any(k.startswith(POINT_METRICS) for k in r)]
         summary = json.loads((vdir / "summary.json").read_text()) if (vdir / "summary.json").exists() else {}
         he = {k.split("/", 1)[1]: v for k, v in (rows[-1] if rows else {}).items() if k.startswith("he_relative/")}
         collapse = study.collapse.first_collapse(rows) if study.collapse else None
@@ -309,6 +315,19 @@ def write_report(study: Study) -> Path:
     (directory / "report.md").write_text(_markdown(study, results, metrics))
     _plots(results, metrics, directory)
     return directory / "report.md"
+
+
+def _with_pre_edit_values(row: dict, rows: list[dict]) -> dict:
+    """The point before editing shows the pre-edit values the collapse rule compares with: general
+    abilities of the unedited model and, as edited_so_far, the facts to be edited before their edits."""
+    if row["edits"] != 0:
+        return row
+    filled = dict(row)
+    for key in {k for r in rows for k in r if k.startswith((protocol.EDITED_SO_FAR, protocol.GENERAL))} - set(row):
+        value = start_value(rows, key)
+        if value is not None:
+            filled[key] = value
+    return filled
 
 
 def _guard(rows: list[dict]) -> str:
@@ -332,7 +351,8 @@ def _markdown(study: Study, results: list[dict], metrics: list[str]) -> str:
         collapsed = f"{r['collapse']['edits']} edits ({r['collapse']['why']})" if r["collapse"] else f"none by {r['edits']}"
         lines.append(f"| {r['variant']} | {r['status']['status']} | {r['edits']} | {sec} | "
                      + " | ".join(_fmt(last.get(m)) for m in metrics) + f" | {_fmt(he, '.3e')} | {collapsed} | {_guard(r['rows'])} |")
-    lines += ["", "## At every evaluation point", ""]
+    lines += ["", "## At every evaluation point", "",
+              "At 0 edits: the unedited model; edited_so_far there scores the facts to be edited, before their edits.", ""]
     for r in results:
         if not r["points"]:
             continue

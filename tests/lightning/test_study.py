@@ -81,10 +81,14 @@ def test_a_study_runs_each_variant_as_a_fit_and_reports_them_side_by_side(tiny_m
     for name in ("alphaedit", "memit"):
         with open(root / name / "metrics.csv", newline="") as f:
             own = [r for r in csv.DictReader(f) if r.get("edited_so_far/efficacy_score")]
-        mine = [r for r in rows if r["variant"] == name and r["edited_so_far/efficacy_score"]]
+        mine = [r for r in rows if r["variant"] == name and float(r["edits"]) > 0]
         assert [float(r["edits"]) for r in mine] == [float(r["edits"]) for r in own] == [2.0, 4.0, 6.0]
-        start = [r for r in rows if r["variant"] == name and not r["edited_so_far/efficacy_score"]]
-        assert [float(r["edits"]) for r in start] == [0.0] and start[0]["never_edited/specificity_score"]  # the never-edited facts before editing
+        start = [r for r in rows if r["variant"] == name and float(r["edits"]) == 0]
+        assert len(start) == 1 and start[0]["never_edited/specificity_score"]  # the never-edited facts before editing
+        # before editing, edited_so_far shows the pre-edit scores of the facts to be edited (what the collapse rule compares with)
+        with open(root / name / "metrics.csv", newline="") as f:
+            pre_edit = [r["pre_edit/to_edit/efficacy_score"] for r in csv.DictReader(f) if r.get("pre_edit/to_edit/efficacy_score")]
+        assert len(pre_edit) == 1 and float(start[0]["edited_so_far/efficacy_score"]) == float(pre_edit[0])
         assert [float(r["edited_so_far/efficacy_score"]) for r in mine] == [float(r["edited_so_far/efficacy_score"]) for r in own]
     report = (root / "report.md").read_text()
     # the stated rule (an efficacy below 2.0 always holds) makes both collapse at the first of two points in a row
@@ -149,6 +153,23 @@ def test_a_failing_variant_is_recorded_and_the_others_go_on(tiny_model_dir, stat
     assert broken["status"] == "failed" and "target values did not move" in broken["error"]
     assert json.loads((tmp_path / "study" / "fine" / "status.json").read_text())["status"] == "done"
     assert "| broken | failed |" in (tmp_path / "study" / "report.md").read_text()
+
+
+def test_a_variant_another_study_process_is_running_is_reported_running_and_left_alone(tiny_model_dir, stats_cache, tmp_path):
+    from sphere_pl.lightning.callbacks import RunLock
+
+    path = write_study(tmp_path, tiny_model_dir, stats_cache, [{"name": "busy"}])
+    lock = RunLock.take(tmp_path / "study" / "busy" / "checkpoints")  # as the running fit holds it
+    try:
+        result = study(path, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "busy: running, skipped" in result.stdout
+        assert not (tmp_path / "study" / "busy" / "status.json").exists()  # the running one's status is not touched
+        assert "| busy | running | 0 |" in (tmp_path / "study" / "report.md").read_text()
+    finally:
+        lock.release()
+    assert study(path, tmp_path, "--report").returncode == 0
+    assert "| busy | not started | 0 |" in (tmp_path / "study" / "report.md").read_text()  # a released lock is not "running"
 
 
 @pytest.mark.parametrize("variants, message", [
