@@ -46,7 +46,7 @@ from pathlib import Path
 import yaml
 
 from ..evaluation import protocol
-from ..sphere.analysis import he_metric_correlations
+from ..sphere.analysis import he_metric_correlations, spearman
 from .checkpoint_io import load_checkpoint_file
 from .callbacks import RunLock
 from .collapse import CollapseRule, start_value
@@ -302,9 +302,11 @@ def write_report(study: Study) -> Path:
         he = {k.split("/", 1)[1]: v for k, v in (rows[-1] if rows else {}).items() if k.startswith("he_relative/")}
         collapse = study.collapse.first_collapse(rows) if study.collapse else None
         correlations = he_metric_correlations(rows, "he/", POINT_METRICS)
+        baseline = _edits_correlations(rows, POINT_METRICS)
         results.append({"variant": variant.name, "status": study.status(variant), "rows": rows, "points": points,
                         "final": summary.get("final", {}), "edits": int(rows[-1]["edits"]) if rows else 0, "he": he,
-                        "seconds_per_edit": seconds_per_edit(vdir), "collapse": collapse, "spearman": correlations})
+                        "seconds_per_edit": seconds_per_edit(vdir), "collapse": collapse, "spearman": correlations,
+                        "baseline": baseline})
     metrics = sorted({k for r in results for row in r["points"] for k in row if k.startswith(POINT_METRICS) and "magnitude" not in k})
     with open(directory / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["variant", "edits", *metrics, *sorted({k for r in results for row in r["rows"] for k in row if k.startswith("he_relative/")})])
@@ -315,6 +317,14 @@ def write_report(study: Study) -> Path:
     (directory / "report.md").write_text(_markdown(study, results, metrics))
     _plots(results, metrics, directory)
     return directory / "report.md"
+
+
+def _edits_correlations(rows: list[dict], metric_prefixes) -> dict:
+    """{metric: Spearman ρ of the edit count against the metric} over the points where HE is also
+    recorded: the baseline an HE correlation has to beat to say more than "the edits went on"."""
+    he_rows = [r for r in rows if any(k.startswith("he/") for k in r)]
+    metrics = sorted({k for r in he_rows for k in r if k.startswith(tuple(metric_prefixes))})
+    return {m: spearman([r["edits"] for r in he_rows if m in r], [r[m] for r in he_rows if m in r]) for m in metrics}
 
 
 def _with_pre_edit_values(row: dict, rows: list[dict]) -> dict:
@@ -370,6 +380,9 @@ def _markdown(study: Study, results: list[dict], metrics: list[str]) -> str:
                 lines.append(f"- {r['variant']}, {layer}: " + ", ".join(cells))
         if not found:
             lines.append(f"- {r['variant']}: too few evaluation points (3 needed) or constant series")
+        else:
+            cells = [f"{m} {_fmt(v, '.2f')}" for m, v in r["baseline"].items() if "magnitude" not in m and v is not None]
+            lines.append(f"- {r['variant']}, the edit count itself (what any quantity that only grows with the edits gives): " + ", ".join(cells))
     lines += ["", "Files: report.csv (every point), he.png, metrics.png; each variant's folder holds its run."]
     return "\n".join(lines) + "\n"
 

@@ -53,6 +53,18 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint_file(run / "checkpoints" / "last.ckpt")["sphere_pl"]["weights"]
 
 
+def rank_correlation(x, y) -> float | None:
+    """Spearman's ρ by hand: Pearson's r of average ranks, in float64; None for a constant series."""
+    def ranks(values):
+        order = sorted(values)
+        return [sum(i for i, v in enumerate(order) if v == value) / order.count(value) for value in values]
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if sxx == 0 or syy == 0 else sxy / (sxx * syy) ** 0.5
+
+
 VARIANTS = [{"name": "alphaedit"}, {"name": "memit", "overrides": {"model.method": {"class_path": "sphere_pl.MEMIT", "init_args": {"layers": [1, 2]}}}}]
 
 
@@ -96,6 +108,21 @@ def test_a_study_runs_each_variant_as_a_fit_and_reports_them_side_by_side(tiny_m
     assert report.count("| 2 edits (edited_so_far/efficacy_score") == 2
     assert "< 2.0) | no breach |" in report  # memit ran with the guard (thresholds off: nothing can breach)
     assert report.count("| off |") == 1  # alphaedit ran without the guard
+    # beside HE's correlations, the edit count's own (an independent rank computation over the run's rows)
+    with open(root / "memit" / "metrics.csv", newline="") as f:
+        he_rows = [r for r in csv.DictReader(f) if r.get("he/layer1")]
+    line = next(l for l in report.splitlines() if l.startswith("- memit, the edit count itself"))
+    checked = 0
+    scored = [k for k in he_rows[0] if k.startswith(("last_batch/", "edited_so_far/", "never_edited/", "general/")) and "magnitude" not in k]
+    for metric in scored:
+        points = [(float(r["edits"]), float(r[metric])) for r in he_rows if r.get(metric)]
+        rho = rank_correlation(*zip(*points)) if len(points) >= 3 else None
+        if rho is None:
+            assert f" {metric} " not in line
+        else:
+            assert f"{metric} {rho:.2f}" in line
+            checked += 1
+    assert checked
     for png in ("he.png", "metrics.png"):
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
