@@ -284,12 +284,17 @@ class RunSummary(L.Callback):
             "seconds": {k: round(v, 3) for k, v in editor.timer.seconds.items()},
         }
         (directory / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        columns = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("step", "edits"), k))
-        with open(directory / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows_csv(directory / "metrics.csv", rows)
         print(format_summary(summary, directory))
+
+
+def write_rows_csv(path: Path, rows: list[dict]) -> None:
+    """A run's recorded rows as CSV: `step` and `edits` first, then every metric by name."""
+    columns = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("step", "edits"), k))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def format_header(pl_module, datamodule) -> str:

@@ -11,7 +11,7 @@ stream: data, evaluation points), and a list of variants (method x filters x ove
     - {name: memit, configs: [configs/smollm2/memit.yaml], overrides: {model.filters: []}}
     - {name: memit+sphere, configs: [configs/smollm2/memit.yaml]}
     collapse:                                # the rule, stated before the run
-      any:
+      conditions:
       - {metric: edited_so_far/efficacy_score, below: 0.5}
       - {metric: never_edited/specificity_score, drop_from_start: 0.2}
       points_in_a_row: 2
@@ -24,7 +24,9 @@ config is checked (settings, methods, unique names, and that the directory holds
 study's runs of the same name). An interrupted study resumes every unfinished variant from its
 last checkpoint and skips finished ones; a variant that fails is recorded with its error and the
 others go on. The report (`report.md`, `report.csv`, `he.png`, `metrics.png`) is rebuilt from what
-is on disk after every variant, or alone with `--report`.
+is on disk after every variant, or alone with `--report`; `--export DIR` copies the report and each
+variant's rows (also a running variant's, from its last checkpoint) into DIR, without checkpoints,
+to be committed while the runs go on.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,7 +51,7 @@ import yaml
 from ..evaluation import protocol
 from ..sphere.analysis import he_metric_correlations, spearman
 from .checkpoint_io import load_checkpoint_file
-from .callbacks import RunLock
+from .callbacks import RunLock, write_rows_csv
 from .collapse import CollapseRule, start_value
 
 STATUS = "status.json"
@@ -179,9 +182,10 @@ class Study:
 
     # ---------------------------------------------------------------- running
     def status(self, variant: Variant) -> dict:
-        """What status.json says, or "running" while a `fit` holds the variant's checkpoint directory."""
+        """What status.json says ("unfinished" without one when a checkpoint exists: a killed study), or "running" while a `fit` holds the variant's checkpoint directory."""
         path = self.variant_dir(variant) / STATUS
-        status = json.loads(path.read_text()) if path.exists() else {"status": "not started"}
+        started = (self.variant_dir(variant) / "checkpoints" / "last.ckpt").exists()
+        status = json.loads(path.read_text()) if path.exists() else {"status": "unfinished" if started else "not started"}
         if status["status"] != "done" and RunLock.held(self.variant_dir(variant) / "checkpoints"):
             status = {**status, "status": "running"}
         return status
@@ -317,6 +321,32 @@ def write_report(study: Study) -> Path:
     (directory / "report.md").write_text(_markdown(study, results, metrics))
     _plots(results, metrics, directory)
     return directory / "report.md"
+
+
+RUN_FILES = ("summary.json", "he_analysis.json", "fit-config.yaml")
+REPORT_FILES = ("report.md", "report.csv", "he.png", "metrics.png")
+
+
+def export(study: Study, target: Path) -> Path:
+    """The report and each variant's rows, status and run files (not its checkpoints) into `target`:
+    what can be committed, so a study's results outlive the machine it runs on."""
+    write_report(study)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        if (study.directory / name).exists():
+            shutil.copyfile(study.directory / name, target / name)
+    for variant in study.variants:
+        vdir, rows = study.variant_dir(variant), variant_rows(study.variant_dir(variant))
+        if not rows:
+            continue
+        out = target / variant.name
+        out.mkdir(exist_ok=True)
+        write_rows_csv(out / "metrics.csv", rows)
+        (out / STATUS).write_text(json.dumps({**study.status(variant), "edits": int(rows[-1]["edits"])}, indent=1))
+        for name in RUN_FILES:
+            if (vdir / name).exists():
+                shutil.copyfile(vdir / name, out / name)
+    return target
 
 
 def _edits_correlations(rows: list[dict], metric_prefixes) -> dict:
@@ -565,9 +595,13 @@ def run_command(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, help="the study's YAML file")
     parser.add_argument("--report", action="store_true", help="only rebuild report.md, report.csv and the plots from what is on disk")
     parser.add_argument("--variants", nargs="+", metavar="NAME", help="run only these variants (default: all)")
+    parser.add_argument("--export", metavar="DIR", help="only copy the report and every variant's rows (no checkpoints) into DIR")
     args = parser.parse_args(argv)
     try:
         study = Study.load(args.config)
+        if args.export:
+            print(f"wrote {export(study, Path(args.export))}")
+            return 0
         if args.report:
             print(f"wrote {write_report(study)}")
             return 0

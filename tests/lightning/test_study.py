@@ -130,6 +130,15 @@ def test_a_study_runs_each_variant_as_a_fit_and_reports_them_side_by_side(tiny_m
     (root / "report.md").unlink()
     assert study(path, tmp_path, "--report").returncode == 0
     assert (root / "report.md").read_text() == report
+    # --export copies the report and every variant's rows, not its checkpoints
+    exported = tmp_path / "exported"
+    assert study(path, tmp_path, "--export", str(exported)).returncode == 0
+    assert (exported / "report.md").read_text() == report and (exported / "he.png").exists()
+    for name in ("alphaedit", "memit"):
+        assert sorted(p.name for p in (exported / name).iterdir()) == ["fit-config.yaml", "he_analysis.json", "metrics.csv", "status.json", "summary.json"]
+        with open(exported / name / "metrics.csv", newline="") as f, open(root / name / "metrics.csv", newline="") as g:
+            assert list(csv.DictReader(f)) == list(csv.DictReader(g))
+        assert json.loads((exported / name / "status.json").read_text())["edits"] == NUM_EDITS * NUM_BATCHES
     # a finished study run again edits nothing more
     again = study(path, tmp_path)
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 2
@@ -150,6 +159,11 @@ def test_a_killed_study_resumes_its_unfinished_variant_exactly_and_skips_the_fin
     done = load_checkpoint_file(second)["sphere_pl"]["edits_applied"]
     assert done < NUM_EDITS * NUM_BATCHES
     first_before = final_weights(tmp_path / "study" / "first")
+    # an unfinished variant's rows are exported from its last checkpoint
+    assert study(path, tmp_path, "--export", str(tmp_path / "exported")).returncode == 0
+    with open(tmp_path / "exported" / "second" / "metrics.csv", newline="") as f:
+        assert max(float(r["edits"]) for r in csv.DictReader(f)) == done
+    assert json.loads((tmp_path / "exported" / "second" / "status.json").read_text()) == {"status": "unfinished", "edits": done}
 
     result = study(path, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
