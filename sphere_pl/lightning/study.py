@@ -447,6 +447,8 @@ def _plots(results: list[dict], metrics: list[str], directory: Path) -> None:
                     ax.plot(*zip(*pts), marker="o", markersize=3, label=r["variant"])
             ax.set_title(metric, fontsize=9)
             ax.set_xlabel("edits")
+            if "perplexity" in metric and ax.has_data() and min(v for r in results for row in r["points"] for k, v in row.items() if k == metric) > 0:
+                ax.set_yscale("log")  # a collapse takes perplexity up by orders of magnitude
         for ax in list(axes.flat)[len(metrics):]:
             ax.axis("off")
         axes[0][0].legend(fontsize=7)
