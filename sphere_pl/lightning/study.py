@@ -391,6 +391,7 @@ def _markdown(study: Study, results: list[dict], metrics: list[str]) -> str:
         collapsed = f"{r['collapse']['edits']} edits ({r['collapse']['why']})" if r["collapse"] else f"none by {r['edits']}"
         lines.append(f"| {r['variant']} | {r['status']['status']} | {r['edits']} | {sec} | "
                      + " | ".join(_fmt(last.get(m)) for m in metrics) + f" | {_fmt(he, '.3e')} | {collapsed} | {_guard(r['rows'])} |")
+    lines += _side_by_side(study, results)
     lines += ["", "## At every evaluation point", "",
               "At 0 edits: the unedited model; edited_so_far there scores the facts to be edited, before their edits.", ""]
     for r in results:
@@ -415,6 +416,22 @@ def _markdown(study: Study, results: list[dict], metrics: list[str]) -> str:
             lines.append(f"- {r['variant']}, the edit count itself (what any quantity that only grows with the edits gives): " + ", ".join(cells))
     lines += ["", "Files: report.csv (every point), he.png, metrics.png; each variant's folder holds its run."]
     return "\n".join(lines) + "\n"
+
+
+def _side_by_side(study: Study, results: list[dict]) -> list[str]:
+    """One table per metric the collapse rule reads: a row per evaluation point, a column per variant."""
+    if not study.collapse:
+        return []
+    lines = []
+    for metric in dict.fromkeys(c["metric"] for c in study.collapse.conditions):
+        by_variant = {r["variant"]: {p["edits"]: p[metric] for p in r["points"] if metric in p} for r in results}
+        edits = sorted({e for values in by_variant.values() for e in values})
+        if not edits:
+            continue
+        names = [name for name, values in by_variant.items() if values]
+        lines += ["", f"## {metric}, side by side", "", "| edits | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+        lines += [f"| {int(e)} | " + " | ".join(_fmt(by_variant[n].get(e)) for n in names) + " |" for e in edits]
+    return lines
 
 
 def _plots(results: list[dict], metrics: list[str], directory: Path) -> None:

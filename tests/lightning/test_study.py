@@ -108,6 +108,12 @@ def test_a_study_runs_each_variant_as_a_fit_and_reports_them_side_by_side(tiny_m
     assert report.count("| 2 edits (edited_so_far/efficacy_score") == 2
     assert "< 2.0) | no breach |" in report  # memit ran with the guard (thresholds off: nothing can breach)
     assert report.count("| off |") == 1  # alphaedit ran without the guard
+    # the metric the collapse rule reads, side by side: a row per point, a column per variant, the runs' own values
+    side = report.split("## edited_so_far/efficacy_score, side by side")[1].split("\n## ")[0]
+    assert "| edits | alphaedit | memit |" in side
+    by_variant = {name: {float(r["edits"]): float(r["edited_so_far/efficacy_score"]) for r in rows if r["variant"] == name} for name in ("alphaedit", "memit")}
+    for edits in (0.0, 2.0, 4.0, 6.0):
+        assert f"| {int(edits)} | {by_variant['alphaedit'][edits]:.3f} | {by_variant['memit'][edits]:.3f} |" in side
     # beside HE's correlations, the edit count's own (an independent rank computation over the run's rows)
     with open(root / "memit" / "metrics.csv", newline="") as f:
         he_rows = [r for r in csv.DictReader(f) if r.get("he/layer1")]
