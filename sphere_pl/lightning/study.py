@@ -341,8 +341,12 @@ def export(study: Study, target: Path) -> Path:
             continue
         out = target / variant.name
         out.mkdir(exist_ok=True)
-        write_rows_csv(out / "metrics.csv", rows)
-        (out / STATUS).write_text(json.dumps({**study.status(variant), "edits": int(rows[-1]["edits"])}, indent=1))
+        status = study.status(variant)
+        if status["status"] == "done" and (vdir / "metrics.csv").exists():
+            shutil.copyfile(vdir / "metrics.csv", out / "metrics.csv")  # the finished run's own file
+        else:
+            write_rows_csv(out / "metrics.csv", rows)
+        (out / STATUS).write_text(json.dumps({**status, "edits": int(rows[-1]["edits"])}, indent=1))
         for name in RUN_FILES:
             if (vdir / name).exists():
                 shutil.copyfile(vdir / name, out / name)
