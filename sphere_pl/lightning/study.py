@@ -418,6 +418,7 @@ def _markdown(study: Study, results: list[dict], metrics: list[str]) -> str:
         else:
             cells = [f"{m} {_fmt(v, '.2f')}" for m, v in r["baseline"].items() if "magnitude" not in m and v is not None]
             lines.append(f"- {r['variant']}, the edit count itself (what any quantity that only grows with the edits gives): " + ", ".join(cells))
+    lines += _pooled_correlations(study, results)
     lines += ["", "Files: report.csv (every point), he.png, metrics.png; each variant's folder holds its run."]
     return "\n".join(lines) + "\n"
 
@@ -435,6 +436,26 @@ def _side_by_side(study: Study, results: list[dict]) -> list[str]:
         names = [name for name, values in by_variant.items() if values]
         lines += ["", f"## {metric}, side by side", "", "| edits | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
         lines += [f"| {int(e)} | " + " | ".join(_fmt(by_variant[n].get(e)) for n in names) + " |" for e in edits]
+    return lines
+
+
+def _pooled_correlations(study: Study, results: list[dict]) -> list[str]:
+    """Spearman ρ over the evaluation points of all variants together, of each layer's HE and of the
+    edit count against each metric the collapse rule reads. Within one run any quantity that grows
+    with the edits correlates; pooled, HE has to order the variants too (same edits, other damage)."""
+    if not study.collapse or len(results) < 2:
+        return []
+    points = [p for r in results for p in r["points"] if p["edits"] > 0 and any(k.startswith("he/") for k in p)]
+    layers = sorted({k for p in points for k in p if k.startswith("he/")})
+    lines = ["", "## Pooled over the variants: Spearman ρ against the metrics the collapse rule reads", "",
+             "| metric | points | edit count | " + " | ".join(layers) + " |", "|---|---:|---:|" + "---:|" * len(layers)]
+    for metric in dict.fromkeys(c["metric"] for c in study.collapse.conditions):
+        have = [p for p in points if metric in p and all(layer in p for layer in layers)]
+        if not have:
+            continue
+        values = [p[metric] for p in have]
+        cells = [spearman([p["edits"] for p in have], values)] + [spearman([p[layer] for p in have], values) for layer in layers]
+        lines.append(f"| {metric} | {len(have)} | " + " | ".join(_fmt(c, ".2f") for c in cells) + " |")
     return lines
 
 

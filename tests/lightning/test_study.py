@@ -310,3 +310,27 @@ def test_a_run_recorded_before_the_model_section_resumes_and_one_of_another_mode
     recorded.write_text(yaml.safe_dump(old))
     with pytest.raises(StudyConfigError, match=r"field model.model.init_args.dtype: 'bfloat16' then, 'float32' now"):
         study.prepare(variant)
+
+
+def test_the_pooled_correlations_rank_every_variants_points_together():
+    """HE against a collapse metric over the points of all variants together, beside the edit count
+    (checked against a by-hand rank correlation)."""
+    from types import SimpleNamespace
+
+    from sphere_pl.lightning.collapse import CollapseRule
+    from sphere_pl.lightning.study import _pooled_correlations
+
+    torch.manual_seed(0)
+    def points(scale):
+        he = torch.rand(5).cumsum(0) * scale
+        return [{"edits": 100.0 * (i + 1), "he/layer1": float(h), "he/layer2": float(torch.rand(())),
+                 "general/perplexity/perplexity": float(20 + 40 * h + torch.rand(()))} for i, h in enumerate(he)]
+    results = [{"variant": "a", "points": [{"edits": 0.0, "general/perplexity/perplexity": 20.0}] + points(1.0)},
+               {"variant": "b", "points": points(0.3)}]
+    rule = CollapseRule([{"metric": "general/perplexity/perplexity", "ratio_to_start_above": 2.0}])
+    lines = _pooled_correlations(SimpleNamespace(collapse=rule), results)
+    pooled = [p for r in results for p in r["points"] if p["edits"] > 0]
+    ppl = [p["general/perplexity/perplexity"] for p in pooled]
+    expected = [rank_correlation([p[k] for p in pooled], ppl) for k in ("edits", "he/layer1", "he/layer2")]
+    assert lines[-1] == "| general/perplexity/perplexity | 10 | " + " | ".join(f"{v:.2f}" for v in expected) + " |"
+    assert expected[1] > expected[0]  # built so: HE orders the two variants' damage, the edit count cannot
