@@ -19,6 +19,8 @@ from pathlib import Path
 
 from guard_thresholds import scores
 
+from sphere_pl.lightning.collapse import start_value
+
 DEFAULT = Path(__file__).resolve().parent / "results" / "long_horizon"
 HE_SCORE, PERPLEXITY_RATIO = 50.0, 2.0  # CollapseGuard's defaults
 
@@ -37,7 +39,7 @@ def replay(rows: list[dict]) -> dict:
         for i, score in enumerate(scores([pretrained] + [r[key] for r in batches])):
             if score > best[0]:
                 best = (score, layer, int(batches[i + 2]["edits"]))  # score i: the step into series[i + 3] = batches[i + 2]
-    start = next(r["pre_edit/general/perplexity/perplexity"] for r in rows if "pre_edit/general/perplexity/perplexity" in r)
+    start = start_value(rows, "general/perplexity/perplexity")  # the collapse rule's own pre-edit value
     over = [int(r["edits"]) for r in rows if r.get("general/perplexity/perplexity", 0.0) > PERPLEXITY_RATIO * start]
     return {"score": best, "perplexity_over": over[0] if over else None, "edits": int(rows[-1]["edits"])}
 

@@ -207,9 +207,10 @@ class Study:
             self.prepare(variant)
         stopped = _Forwarder()
         for variant in chosen:
-            if self.status(variant)["status"] in ("done", "running"):
+            state = self.status(variant)["status"]
+            if state in ("done", "running"):
                 # a variant another study process is running is left to it (its status file too)
-                print(f"study {self.name}: {variant.name}: {self.status(variant)['status']}, skipped", flush=True)
+                print(f"study {self.name}: {variant.name}: {state}, skipped", flush=True)
                 continue
             code = self._run_variant(variant, stopped)
             write_report(self)
@@ -489,7 +490,7 @@ def _plots(results: list[dict], metrics: list[str], directory: Path) -> None:
                     ax.plot(*zip(*pts), marker="o", markersize=3, label=r["variant"])
             ax.set_title(metric, fontsize=9)
             ax.set_xlabel("edits")
-            if "perplexity" in metric and ax.has_data() and min(v for r in results for row in r["points"] for k, v in row.items() if k == metric) > 0:
+            if "perplexity" in metric and ax.has_data() and min(row[metric] for r in results for row in r["points"] if metric in row) > 0:
                 ax.set_yscale("log")  # a collapse takes perplexity up by orders of magnitude
         for ax in list(axes.flat)[len(metrics):]:
             ax.axis("off")
