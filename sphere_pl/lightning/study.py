@@ -294,14 +294,16 @@ def seconds_per_edit(directory: Path) -> float | None:
 POINT_METRICS = (protocol.LAST_BATCH, protocol.EDITED_SO_FAR, protocol.NEVER_EDITED, protocol.GENERAL)
 
 
-def write_report(study: Study) -> Path:
+def write_report(study: Study, rows_by_variant: dict[str, list[dict]] | None = None) -> Path:
     """`report.md` and `report.csv` (final and per-point metrics, HE change per layer, seconds per edit,
-    collapse point) and `he.png`, `metrics.png` in the study directory, from what is on disk."""
+    collapse point) and `he.png`, `metrics.png` in the study directory, from what is on disk
+    (`rows_by_variant`: each variant's `variant_rows`, when the caller has read them already)."""
     directory = study.directory
+    rows_by_variant = rows_by_variant or {v.name: variant_rows(study.variant_dir(v)) for v in study.variants}
     results = []
     for variant in study.variants:
         vdir = study.variant_dir(variant)
-        rows = variant_rows(vdir)
+        rows = rows_by_variant[variant.name]
         points = [_with_pre_edit_values(r, rows) for r in rows if any(k.startswith(POINT_METRICS) for k in r)]
         summary = json.loads((vdir / "summary.json").read_text()) if (vdir / "summary.json").exists() else {}
         he = {k.split("/", 1)[1]: v for k, v in (rows[-1] if rows else {}).items() if k.startswith("he_relative/")}
@@ -331,13 +333,14 @@ REPORT_FILES = ("report.md", "report.csv", "he.png", "metrics.png")
 def export(study: Study, target: Path) -> Path:
     """The report and each variant's rows, status and run files (not its checkpoints) into `target`:
     what can be committed, so a study's results outlive the machine it runs on."""
-    write_report(study)
+    rows_by_variant = {v.name: variant_rows(study.variant_dir(v)) for v in study.variants}  # one checkpoint read each
+    write_report(study, rows_by_variant)
     target.mkdir(parents=True, exist_ok=True)
     for name in REPORT_FILES:
         if (study.directory / name).exists():
             shutil.copyfile(study.directory / name, target / name)
     for variant in study.variants:
-        vdir, rows = study.variant_dir(variant), variant_rows(study.variant_dir(variant))
+        vdir, rows = study.variant_dir(variant), rows_by_variant[variant.name]
         if not rows:
             continue
         out = target / variant.name
