@@ -281,14 +281,25 @@ def variant_rows(directory: Path) -> list[dict]:
     return []
 
 
-def seconds_per_edit(directory: Path) -> float | None:
-    """Editing seconds per edit of a finished variant (its summary: the phases of the editor, set-up excluded)."""
+#: phases that measure the run (fact and general evaluations, HE, the collapse guard), not edit it
+MEASURING_PHASES = ("evaluation", "general", "he", "guard")
+#: one-off phases, left out of the per-edit figures
+ONE_OFF_PHASES = ("setup", "statistics", "convergence_report")
+
+
+def seconds_per_edit(directory: Path) -> dict[str, float] | None:
+    """A finished variant's seconds per edit from its summary's phase timer, set-up and statistics
+    excluded: {"editing": the editing phases (keys, value search, solve, projection, ...),
+    "measuring": evaluations, HE and guard checks}. None before the run has a summary."""
     path = directory / "summary.json"
     if not path.exists():
         return None
     summary = json.loads(path.read_text())
-    seconds = {k: v for k, v in summary.get("seconds", {}).items() if k not in ("setup", "statistics")}
-    return sum(seconds.values()) / summary["edits"] if summary.get("edits") else None
+    if not summary.get("edits"):
+        return None
+    seconds = {k: v for k, v in summary.get("seconds", {}).items() if k not in ONE_OFF_PHASES}
+    measuring = sum(v for k, v in seconds.items() if k in MEASURING_PHASES)
+    return {"editing": (sum(seconds.values()) - measuring) / summary["edits"], "measuring": measuring / summary["edits"]}
 
 
 POINT_METRICS = (protocol.LAST_BATCH, protocol.EDITED_SO_FAR, protocol.NEVER_EDITED, protocol.GENERAL)
@@ -390,12 +401,13 @@ def _guard(rows: list[dict]) -> str:
 def _markdown(study: Study, results: list[dict], metrics: list[str]) -> str:
     rule = study.collapse.describe() if study.collapse else "none stated"
     lines = [f"# Study {study.name}", "", f"Collapse rule: {rule}.", "",
-             "| variant | status | edits | s per edit | " + " | ".join(m for m in metrics) + " | mean ΔHE/HE | collapsed at | guard |",
-             "|---|---|---:|---:|" + "---:|" * len(metrics) + "---:|---|---|"]
+             "Seconds per edit: the editing phases, and the measuring ones (evaluations, HE, guard) beside them; set-up and statistics excluded.", "",
+             "| variant | status | edits | s per edit: editing | measuring | " + " | ".join(m for m in metrics) + " | mean ΔHE/HE | collapsed at | guard |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(metrics) + "---:|---|---|"]
     for r in results:
         last = r["points"][-1] if r["points"] else {}
         he = sum(r["he"].values()) / len(r["he"]) if r["he"] else math.nan
-        sec = f"{r['seconds_per_edit']:.2f}" if r["seconds_per_edit"] is not None else "–"
+        sec = f"{r['seconds_per_edit']['editing']:.2f} | {r['seconds_per_edit']['measuring']:.2f}" if r["seconds_per_edit"] else "– | –"
         collapsed = f"{r['collapse']['edits']} edits ({r['collapse']['why']})" if r["collapse"] else f"none by {r['edits']}"
         lines.append(f"| {r['variant']} | {r['status']['status']} | {r['edits']} | {sec} | "
                      + " | ".join(_fmt(last.get(m)) for m in metrics) + f" | {_fmt(he, '.3e')} | {collapsed} | {_guard(r['rows'])} |")

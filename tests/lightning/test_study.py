@@ -108,6 +108,14 @@ def test_a_study_runs_each_variant_as_a_fit_and_reports_them_side_by_side(tiny_m
     assert report.count("| 2 edits (edited_so_far/efficacy_score") == 2
     assert "< 2.0) | no breach |" in report  # memit ran with the guard (thresholds off: nothing can breach)
     assert report.count("| off |") == 1  # alphaedit ran without the guard
+    # seconds per edit, split by hand from each run's phase timer: editing phases, then evaluations/HE/guard
+    for name in ("alphaedit", "memit"):
+        summary = json.loads((root / name / "summary.json").read_text())
+        phases = summary["seconds"]
+        measuring = sum(phases.get(k, 0.0) for k in ("evaluation", "general", "he", "guard"))
+        editing = sum(v for k, v in phases.items() if k not in ("setup", "statistics", "convergence_report", "evaluation", "general", "he", "guard"))
+        assert measuring > 0 and editing > 0 and "keys" in phases
+        assert f"| {name} | done | {summary['edits']} | {editing / summary['edits']:.2f} | {measuring / summary['edits']:.2f} |" in report
     # the metric the collapse rule reads, side by side: a row per point, a column per variant, the runs' own values
     side = report.split("## edited_so_far/efficacy_score, side by side")[1].split("\n## ")[0]
     assert "| edits | alphaedit | memit |" in side
