@@ -11,8 +11,8 @@ prints the recorded and re-run scores side by side and the largest difference pe
 
 Scores are fractions of the facts edited so far (20 … 200) or of 50 held-out prompts, so any
 difference is a whole number of prompts; HE is compared as the mean relative change over the edited
-layers and, finer, as the largest difference of one layer's HE (identical weights give 0; the
-re-run's value-search settings move the last bits, about 1e-11 on MEMIT).
+layers and, finer, as the largest difference of one layer's HE (about 1e-11 on MEMIT, the rounding
+level of HE's own sums; larger gaps mean the weights differ).
 """
 
 from __future__ import annotations
