@@ -79,5 +79,39 @@ def generate_continuations(
 
 
 
+#: generation-config fields that can make greedy decoding pick another token than the top-1 logit,
+#: each with the values that leave it out (a repetition penalty of 1.0 changes nothing)
+_GREEDY_CHANGERS: dict[str, tuple] = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "sequence_bias": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1.0),
+    "num_beams": (None, 1),
+    "penalty_alpha": (None,),
+    "dola_layers": (None,),
+    "watermarking_config": (None,),
+}
+
+
+def greedy_is_argmax(model: nn.Module) -> bool:
+    """Whether `generate_continuations`' greedy next token is the top-1 logit for this model: true
+    unless its generation config asks for a penalty, suppression or forced token that `generate`
+    would apply (Qwen2.5's repetition_penalty 1.05, for one)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return True
+    return all(any(getattr(config, field, None) == value for value in neutral) for field, neutral in _GREEDY_CHANGERS.items())
+
+
 def _until_eos(ids: list[int], eos_id: int | None) -> list[int]:
     return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids

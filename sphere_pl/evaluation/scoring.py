@@ -46,11 +46,13 @@ def _lm_head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class TargetScores(NamedTuple):
-    """Per example, in the order of the prompts: mean NLL per target token, and the fraction of
-    target tokens that are the top-1 prediction (teacher-forced)."""
+    """Per example, in the order of the prompts: mean NLL per target token, the fraction of
+    target tokens that are the top-1 prediction (teacher-forced), and the top-1 token after the
+    prompt alone (what one step of greedy decoding would add; a one-token answer needs no `generate`)."""
 
     nll: torch.Tensor  # (n,)
     token_accuracy: torch.Tensor  # (n,)
+    next_token: torch.Tensor  # (n,) token ids, long
 
 
 def target_nll(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> torch.Tensor:
@@ -65,7 +67,8 @@ def target_token_accuracy(model: nn.Module, tokenizer, prompts: Sequence[str], t
 
 @torch.no_grad()
 def score_targets(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> TargetScores:
-    """NLL and top-1 token accuracy of `" " + targets[i]` after `prompts[i]`, in one batched pass.
+    """NLL and top-1 token accuracy of `" " + targets[i]` after `prompts[i]`, and the top-1 token
+    after the prompt, in one batched pass.
 
     Teacher-forced, without gradients, on the model's device, in batches of `batch_size`
     right-padded sequences (examples are length-sorted so batches pad little). Log-softmax is
@@ -81,20 +84,21 @@ def score_targets(model: nn.Module, tokenizer, prompts: Sequence[str], targets: 
     out_dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
     nll = torch.empty(len(prompts), dtype=out_dtype, device=device)
     accuracy = torch.empty(len(prompts), dtype=out_dtype, device=device)
+    next_token = torch.empty(len(prompts), dtype=torch.long, device=device)
     if not prompts:
-        return TargetScores(nll, accuracy)
+        return TargetScores(nll, accuracy, next_token)
     encoded = _encode(tokenizer, prompts, targets)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
     try:
-        _score_batches(model, encoded, pad_id, batch_size, nll, accuracy)
+        _score_batches(model, encoded, pad_id, batch_size, nll, accuracy, next_token)
     finally:
         model.train(was_training)
-    return TargetScores(nll, accuracy)
+    return TargetScores(nll, accuracy, next_token)
 
 
-def _score_batches(model, encoded, pad_id, batch_size, nll, accuracy) -> None:
+def _score_batches(model, encoded, pad_id, batch_size, nll, accuracy, next_token) -> None:
     """Scores every example; examples that feed the model the same tokens share one row.
 
     The model reads prompt + target[:-1]; for single-token targets that is the prompt alone,
@@ -112,10 +116,11 @@ def _score_batches(model, encoded, pad_id, batch_size, nll, accuracy) -> None:
     for start in range(0, len(distinct), batch_size):
         chunk = distinct[start : start + batch_size]
         batch = pad_id_lists([list(seq) for seq in chunk], pad_id, device)
-        rows, positions, target_ids, example_ids = [], [], [], []
+        rows, positions, target_ids, example_ids, first_slots = [], [], [], [], []
         for row, seq in enumerate(chunk):
             for i in examples_of[seq]:
                 n_prompt, n_target = len(encoded[i][0]), len(encoded[i][1])
+                first_slots.append(len(positions))
                 # the logits at position p predict token p + 1
                 positions.extend(range(n_prompt - 1, n_prompt + n_target - 1))
                 rows.extend([row] * n_target)
@@ -128,8 +133,11 @@ def _score_batches(model, encoded, pad_id, batch_size, nll, accuracy) -> None:
         wanted = torch.tensor(target_ids, device=device)
         token_nll = -logprobs.gather(1, wanted[:, None])[:, 0]
         index = torch.tensor(example_ids, device=device)
+        top1 = logprobs.argmax(-1)  # (n target tokens,)
         totals.index_add_(0, index, token_nll)
-        hits.index_add_(0, index, (logprobs.argmax(-1) == wanted).to(out_dtype))
+        hits.index_add_(0, index, (top1 == wanted).to(out_dtype))
+        first = torch.tensor(first_slots, device=device)  # each example's slot that predicts its first target token
+        next_token[index[first]] = top1[first]
     counts = torch.tensor([len(target) for _, target in encoded], dtype=out_dtype, device=device)
     nll.copy_(totals / counts)
     accuracy.copy_(hits / counts)

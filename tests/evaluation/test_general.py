@@ -29,6 +29,7 @@ from sphere_pl.evaluation.general import (
 )
 from sphere_pl.evaluation.general.closed_qa import closed_qa_prompt, parse_closed_qa
 from sphere_pl.evaluation.general.common import (
+    BinaryItem,
     binary_answer_metrics,
     update_binary_answer_metrics,
 )
@@ -40,7 +41,8 @@ from sphere_pl.evaluation.general.reasoning import (
     reasoning_correct,
     split_solution,
 )
-from sphere_pl.evaluation.scoring import target_nll
+from sphere_pl.evaluation.generation import generate_continuations, greedy_is_argmax
+from sphere_pl.evaluation.scoring import score_targets, target_nll
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 GENERAL = DATA / "general"
@@ -370,12 +372,10 @@ def test_skip_mode_leaves_bad_records_out_and_never_scores_them(tmp_path, tiny, 
     assert [i.record for i in items] == ["line 2 (index 0)", "line 4 (index 2)", "line 5 (index 3)"]  # limit counts good records
     assert len(task.skipped) == 1 and task.skipped[0].where == "line 3" and task.skipped[0].field == "label"
     seen = []
-    real = common.generate_continuations
-    monkeypatch.setattr(
-        common, "generate_continuations", lambda m, t, prompts, *a, **k: seen.extend(prompts) or real(m, t, prompts, *a, **k)
-    )
+    real = common.score_targets  # the one pass that scores (and, with one new token, answers) every prompt
+    monkeypatch.setattr(common, "score_targets", lambda m, t, prompts, *a, **k: seen.extend(prompts) or real(m, t, prompts, *a, **k))
     out = task.update(model, tok, items)
-    assert len(out) == 3 and not any("BAD" in p for p in seen) and len(seen) == 3
+    assert len(out) == 3 and not any("BAD" in p for p in seen) and len(seen) == 6  # each prompt with both answer words
     with pytest.raises(EvalDataError, match="line 3"):
         NLITask(path).load()
     assert len(NLITask(path, limit=1).load()) == 1  # fatal mode stops before reaching it
@@ -442,11 +442,49 @@ def test_binary_update_on_tiny_model(tiny, task_cls):
     assert values == pytest.approx(want, abs=1e-6)
 
 
+@pytest.mark.parametrize("task_cls", [NLITask, ClosedQATask])
+def test_one_token_answers_are_what_generate_answers(tiny, task_cls):
+    """With one new token the answer is the top-1 of the scoring pass; it must be what `generate`
+    (left-padded, in its own batches) decodes, and the NLLs exactly `target_nll`'s."""
+    model, tok = tiny
+    task = task_cls("unused", batch_size=3)
+    items = binary_items(task_cls) * 4  # 12 prompts: several batches in both paths, repeats deduplicated
+    items = [BinaryItem(f"r{i}", item.prompt + " x" * (i % 5), item.label) for i, item in enumerate(items)]
+    prompts = [item.prompt for item in items]
+    rows = task.update(model, tok, items)
+    generated = generate_continuations(model, tok, prompts, 1, batch_size=3)
+    assert [row["generated"] for row in rows] == generated
+    nll = target_nll(model, tok, prompts * 2, [task.positive] * len(items) + [task.negative] * len(items), batch_size=3)
+    assert [row[f"nll_{task.positive}"] for row in rows] == nll[: len(items)].tolist()
+    assert [row[f"nll_{task.negative}"] for row in rows] == nll[len(items) :].tolist()
+
+
+def test_a_generation_config_that_changes_greedy_decoding_keeps_generate(tiny):
+    """Penalties and suppressed tokens in a model's generation config (Qwen2.5 ships a repetition
+    penalty of 1.05) make `generate` pick other tokens than the top-1: such a model is answered by `generate`."""
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    assert greedy_is_argmax(model)
+    model.generation_config.repetition_penalty = 1.0  # the neutral value
+    assert greedy_is_argmax(model)
+    model.generation_config.repetition_penalty = 1.05
+    assert not greedy_is_argmax(model)
+    model.generation_config.repetition_penalty = None
+    items = [BinaryItem(f"r{i}", item.prompt + " y" * i, item.label) for i, item in enumerate(binary_items(NLITask) * 3)]
+    prompts = [item.prompt for item in items]
+    top1 = score_targets(model, tok, prompts, ["true"] * len(items)).next_token.tolist()
+    model.generation_config.suppress_tokens = sorted(set(top1))  # generate may not answer with any of them
+    assert not greedy_is_argmax(model)
+    rows = NLITask("unused", batch_size=3).update(model, tok, items)
+    generated = generate_continuations(model, tok, prompts, 1, batch_size=3)
+    assert [row["generated"] for row in rows] == generated
+    assert generated != [tok.decode([t], skip_special_tokens=True) for t in top1]  # (two ids may decode alike, e.g. to '\ufffd')
+
+
 def test_binary_update_parses_generations(tiny, monkeypatch):
     """Controlled generations through the whole update: parse, acc without invalid answers, rows."""
     model, tok = tiny
     monkeypatch.setattr(common, "generate_continuations", lambda *a, **k: [" Yes", " maybe", "no"])
-    task = ClosedQATask("unused")
+    task = ClosedQATask("unused", max_new_tokens=2)  # more than one new token: the answers come from generation
     items = binary_items(ClosedQATask)  # labels 0, 1, 0
     values, rows = run(task, model, tok, items)
     assert [r["prediction"] for r in rows] == [1, INVALID, 0] and [r["correct"] for r in rows] == [False, False, True]

@@ -12,7 +12,8 @@ import pytest
 from helpers import brute_force_accuracy
 from sphere_pl.data.records import EditRequest
 from sphere_pl.evaluation import score_targets
-from sphere_pl.evaluation.general import ClosedQATask, PerplexityTask
+from sphere_pl.evaluation.general import ClosedQATask, NLITask, PerplexityTask
+from sphere_pl.evaluation.generation import generate_continuations
 from sphere_pl.evaluation.generative_efficacy import GenerativeEfficacyEvaluator
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -55,3 +56,14 @@ def test_general_ability_and_perplexity_are_in_a_sane_range(smollm2):
     closed = ClosedQATask(str(SHARED / "general" / "test-ClosedDomainQA.jsonl"), limit=16, batch_size=8)
     values = closed.evaluate(model, tok, closed.load(tok))
     assert 0.0 <= values["acc"].item() <= 1.0 and values["invalid_rate"].item() < 1.0  # it answers yes or no
+
+
+def test_one_token_answers_match_generate_on_real_nli_items(smollm2):
+    """NLI answers come from the scoring pass's top-1: on real items they are what `generate` says."""
+    model, tok = smollm2
+    task = NLITask(str(SHARED / "general" / "test-NLI.tsv"), limit=32, batch_size=8)
+    items = task.load(tok)
+    rows = task.update(model, tok, items)
+    generated = generate_continuations(model, tok, [item.prompt for item in items], 1, batch_size=8)
+    assert [row["generated"] for row in rows] == generated
+    assert any(row["prediction"] != -1 for row in rows)  # some answers name " true" or " false"

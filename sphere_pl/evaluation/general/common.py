@@ -19,8 +19,8 @@ from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassF1Score, MulticlassMatthewsCorrCoef
 
 from ..base import EvalDataError, Evaluator, check_on_bad_record
-from ..generation import generate_continuations
-from ..scoring import target_nll
+from ..generation import generate_continuations, greedy_is_argmax
+from ..scoring import score_targets
 
 INVALID = -1
 #: the class index of an invalid answer in the 3-class torchmetrics metrics (weighted F1 and MCC do not depend on the order)
@@ -157,8 +157,20 @@ class BinaryItem:
     label: int
 
 
+def _token_text(tokenizer, token_id: int) -> str:
+    """What greedy generation of one token returns for `token_id`: nothing for EOS, as `generate_continuations`."""
+    if token_id == tokenizer.eos_token_id:
+        return ""
+    return tokenizer.decode([token_id], skip_special_tokens=True)
+
+
 class BinaryAnswerTask(FileTask):
-    """Generate `max_new_tokens`, parse the answer after `marker`, and compare the likelihoods of the two words."""
+    """Generate `max_new_tokens`, parse the answer after `marker`, and compare the likelihoods of the two words.
+
+    With one new token (RECT's setting) there is one forward pass per prompt: the greedy token is
+    the top-1 prediction of the pass that scores the two words, not a separate `generate` call
+    (unless the model's generation config would make greedy decoding pick another token).
+    """
 
     marker: str
     positive: str
@@ -176,12 +188,15 @@ class BinaryAnswerTask(FileTask):
         device = next(model.parameters()).device
         self.metrics.to(device)
         prompts = [item.prompt for item in items]
-        generated = generate_continuations(model, tokenizer, prompts, self.max_new_tokens, self.batch_size)
         # RECT scores f"{prompt} {word}": the word with its leading space, after the prompt as is
-        nll = target_nll(
+        scores = score_targets(
             model, tokenizer, prompts + prompts, [self.positive] * len(items) + [self.negative] * len(items), self.batch_size
         )
-        nll_pos, nll_neg = nll[: len(items)], nll[len(items) :]
+        if self.max_new_tokens == 1 and greedy_is_argmax(model):  # one greedy token: the top-1 of the pass that scored the words
+            generated = [_token_text(tokenizer, int(token)) for token in scores.next_token[: len(items)].tolist()]
+        else:
+            generated = generate_continuations(model, tokenizer, prompts, self.max_new_tokens, self.batch_size)
+        nll_pos, nll_neg = scores.nll[: len(items)], scores.nll[len(items) :]
         preds = [classify_answer(answer_after(text, self.marker), self.positive, self.negative) for text in generated]
         likelihood_preds = (nll_pos < nll_neg).long()  # a tie goes to the negative word, as in RECT
         target = torch.tensor([item.label for item in items], device=device)
