@@ -72,11 +72,10 @@ def generate_continuations(
                     **sampling,
                 )  # (batch, width + new tokens)
                 for r, i in enumerate(rows):
-                    texts[i] = tokenizer.decode(_until_eos(output[r, width:].tolist(), tokenizer.eos_token_id), skip_special_tokens=True)
+                    texts[i] = continuation_text(tokenizer, output[r, width:].tolist())
     finally:
         model.train(was_training)
     return texts
-
 
 
 #: generation-config fields that can make greedy decoding pick another token than the top-1 logit,
@@ -113,5 +112,10 @@ def greedy_is_argmax(model: nn.Module) -> bool:
     return all(any(getattr(config, field, None) == value for value in neutral) for field, neutral in _GREEDY_CHANGERS.items())
 
 
-def _until_eos(ids: list[int], eos_id: int | None) -> list[int]:
-    return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
+def continuation_text(tokenizer, new_ids: list[int]) -> str:
+    """The text of generated token ids, as `generate_continuations` returns it: up to the first EOS,
+    special tokens left out."""
+    eos_id = tokenizer.eos_token_id
+    if eos_id is not None and eos_id in new_ids:
+        new_ids = new_ids[: new_ids.index(eos_id)]
+    return tokenizer.decode(new_ids, skip_special_tokens=True)

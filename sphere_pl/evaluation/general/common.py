@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassF1Score, MulticlassMatthewsCorrCoef
 
 from ..base import EvalDataError, Evaluator, check_on_bad_record
-from ..generation import generate_continuations, greedy_is_argmax
+from ..generation import continuation_text, generate_continuations, greedy_is_argmax
 from ..scoring import score_targets
 
 INVALID = -1
@@ -157,13 +157,6 @@ class BinaryItem:
     label: int
 
 
-def _token_text(tokenizer, token_id: int) -> str:
-    """What greedy generation of one token returns for `token_id`: nothing for EOS, as `generate_continuations`."""
-    if token_id == tokenizer.eos_token_id:
-        return ""
-    return tokenizer.decode([token_id], skip_special_tokens=True)
-
-
 class BinaryAnswerTask(FileTask):
     """Generate `max_new_tokens`, parse the answer after `marker`, and compare the likelihoods of the two words.
 
@@ -193,7 +186,7 @@ class BinaryAnswerTask(FileTask):
             model, tokenizer, prompts + prompts, [self.positive] * len(items) + [self.negative] * len(items), self.batch_size
         )
         if self.max_new_tokens == 1 and greedy_is_argmax(model):  # one greedy token: the top-1 of the pass that scored the words
-            generated = [_token_text(tokenizer, int(token)) for token in scores.next_token[: len(items)].tolist()]
+            generated = [continuation_text(tokenizer, [token]) for token in scores.next_token[: len(items)].tolist()]
         else:
             generated = generate_continuations(model, tokenizer, prompts, self.max_new_tokens, self.batch_size)
         nll_pos, nll_neg = scores.nll[: len(items)], scores.nll[len(items) :]
