@@ -6,8 +6,10 @@ metric), to show that a restructure of the Lightning layer moved no result.
 
 Run 1 (`tiny`): a random 4-layer LLaMA (seed 0, saved to a temporary directory) with the byte
 tokenizer, AlphaEdit + SPHERE on layers 1-2, 3 batches of 4 quickstart edits, explicit value
-settings. Run 2 (`smollm2`): `configs/quickstart.yaml` on the embedded SmolLM2, its first batch
-of 10 edits. Both run `python -m sphere_pl fit` in a subprocess with a CSV logger; metrics that
+settings. Run 2 (`guarded`): run 1 with the collapse guard on (`action: warn`, 2 canaries, the
+perplexity canary, an HE-score threshold every scored batch breaches), so every guard signal and
+its breach are recorded. Run 3 (`smollm2`): `configs/quickstart.yaml` on the embedded SmolLM2, its
+first batch of 10 edits. Both run `python -m sphere_pl fit` in a subprocess with a CSV logger; metrics that
 measure time are left out.
 """
 
@@ -75,6 +77,10 @@ def main() -> int:
             "data": {"source": "quickstart", "dataset_size_limit": 12, "num_edits": 4, "num_holdout": 4, "cache_dir": str(tmp / "data")},
         }
         out["tiny"] = fit(tiny, tmp / "tiny")
+        guarded = json.loads(json.dumps(tiny))
+        guarded["guard"] = {"enabled": True, "action": "warn", "he_score": 1e-12, "canaries": 2, "perplexity_path": str(CORPUS),
+                            "perplexity_windows": 2, "perplexity_seq_len": 64}
+        out["guarded"] = fit(guarded, tmp / "guarded")
         if not args.skip_smollm2:
             quick = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
             quick["data"]["dataset_size_limit"] = 10
