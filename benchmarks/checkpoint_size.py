@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from sphere_pl.lightning.checkpoint_io import load_checkpoint_file, save_checkpoint_file
+from sphere_pl.files import load_checkpoint_file, save_checkpoint_file
 
 MB = 1e6
 # (d_out, d_in) of the MLP down-projection; the paper edits 5 layers

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from guard_thresholds import scores
 
-from sphere_pl.lightning.collapse import start_value
+from sphere_pl.monitors.rules import start_value
 
 DEFAULT = Path(__file__).resolve().parent / "results" / "long_horizon"
 HE_SCORE, PERPLEXITY_RATIO = 50.0, 2.0  # CollapseGuard's defaults

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from sphere_pl import Editor, load_edit_requests, load_model_and_tokenizer
-from sphere_pl.lightning.guard import CollapseGuard
+from sphere_pl.monitors.guard import CollapseGuard
 from sphere_pl.sphere import hyperspherical_energy
 
 ROOT = Path(__file__).resolve().parents[1]

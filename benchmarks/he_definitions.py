@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sphere_pl import load_model_and_tokenizer
-from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
+from sphere_pl.files import load_checkpoint_file
 from sphere_pl.sphere import hyperspherical_energy
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,6 +29,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 TIMING = ("seconds", "time", "_s_", "per_edit")
+#: metrics the shell's redesign renamed (the guard's canaries became monitors of their own): compared under their old names
+RENAMED = {"canary/specificity": "guard/canary_specificity", "canary/perplexity": "guard/perplexity"}
 
 
 def fit(config: dict, directory: Path) -> dict:
@@ -41,9 +43,9 @@ def fit(config: dict, directory: Path) -> dict:
     result = subprocess.run([sys.executable, "-m", "sphere_pl", "fit", "--config", str(path)], cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"fit failed:\n{result.stderr[-4000:]}")
-    from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
+    from sphere_pl.lightning import state as run_state
 
-    state = load_checkpoint_file(directory / "checkpoints" / "last.ckpt")["sphere_pl"]
+    state = run_state.read(directory / "checkpoints" / "last.ckpt").section
     digests = {name: hashlib.sha256(w.contiguous().numpy().tobytes()).hexdigest()[:16] for name, w in sorted(state["weights"].items())}
     with open(directory / "csv" / "version_0" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -60,6 +62,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--compare", type=Path, default=None)
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=("tiny", "guarded", "smollm2"), help="run only these (default: all)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import save_tiny_model
@@ -76,12 +79,18 @@ def main() -> int:
                 "context_templates": ["Hello there. {}", "A b c. {}"]}}},
             "data": {"source": "quickstart", "dataset_size_limit": 12, "num_edits": 4, "num_holdout": 4, "cache_dir": str(tmp / "data")},
         }
-        out["tiny"] = fit(tiny, tmp / "tiny")
+        runs = set(args.only or ("tiny", "guarded", "smollm2")) - ({"smollm2"} if args.skip_smollm2 else set())
         guarded = json.loads(json.dumps(tiny))
-        guarded["guard"] = {"enabled": True, "action": "warn", "he_score": 1e-12, "canaries": 2, "perplexity_path": str(CORPUS),
-                            "perplexity_windows": 2, "perplexity_seq_len": 64}
-        out["guarded"] = fit(guarded, tmp / "guarded")
-        if not args.skip_smollm2:
+        guarded["guard"] = {"enabled": True, "action": "warn", "conditions": [
+            {"metric": "guard/he_score/*", "above": 1e-12}, {"metric": "canary/specificity", "drop_from_start": 0.3},
+            {"metric": "canary/perplexity", "ratio_to_start_above": 2.0}]}
+        guarded["canary_specificity"] = {"records": 2}
+        guarded["canary_perplexity"] = {"path": str(CORPUS), "windows": 2, "seq_len": 64}
+        if "tiny" in runs:
+            out["tiny"] = fit(tiny, tmp / "tiny")
+        if "guarded" in runs:
+            out["guarded"] = fit(guarded, tmp / "guarded")
+        if "smollm2" in runs:
             quick = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
             quick["data"]["dataset_size_limit"] = 10
             out["smollm2"] = fit(quick, tmp / "smollm2")
@@ -89,9 +98,10 @@ def main() -> int:
     print(json.dumps({k: v["weights"] for k, v in out.items()}, indent=1))
     if args.compare:
         before = json.loads(args.compare.read_text())
-        moved = [f"{run}/weights" for run in before if before[run]["weights"] != out.get(run, {}).get("weights")]
-        for run in before:
-            mine = out.get(run, {}).get("metrics", {})
+        compared = [run for run in before if run in out]
+        moved = [f"{run}/weights" for run in compared if before[run]["weights"] != out[run]["weights"]]
+        for run in compared:
+            mine = {RENAMED.get(key, key): values for key, values in out[run]["metrics"].items()}
             moved += [f"{run}/{key}" for key, values in before[run]["metrics"].items() if mine.get(key) != values]
             moved += [f"{run}/{key} (new)" for key in mine if key not in before[run]["metrics"]]
         print("identical" if not moved else "MOVED:\n  " + "\n  ".join(moved))

@@ -1,3 +1,3 @@
-from .lightning.cli import main
+from .commands.cli import main
 
 main()

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import SettingsError, SpherePLError
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 
@@ -69,11 +71,11 @@ def resolve_templates(model: nn.Module, overrides: dict[str, str] | None = None)
     fields = list(ModuleTemplates.__dataclass_fields__)
     unknown = set(overrides) - set(fields)
     if unknown:
-        raise ValueError(f"unknown module template(s) {sorted(unknown)}; valid names are {fields}")
+        raise SettingsError(f"unknown module template(s) {sorted(unknown)}; valid names are {fields}")
     if base is None:
         missing = [f for f in fields if f not in overrides]
         if missing:
-            raise ValueError(
+            raise SettingsError(
                 f"architecture {model_type!r} is not one sphere_pl knows "
                 f"({', '.join(sorted(KNOWN_ARCHITECTURES))}); set model.module_templates "
                 f"for {missing} in the config, e.g. down_proj: 'model.layers.{{}}.mlp.down_proj'"
@@ -85,7 +87,7 @@ def resolve_templates(model: nn.Module, overrides: dict[str, str] | None = None)
         templates = ModuleTemplates(**{**templates.__dict__, "lm_head": "lm_head"})
     for name in (templates.down_proj_at(0), templates.layer_at(0), templates.layers, templates.final_norm, templates.lm_head):
         if not has_module(model, name):
-            raise ValueError(f"module {name!r} not found in {type(model).__name__}; fix model.module_templates")
+            raise SettingsError(f"module {name!r} not found in {type(model).__name__}; fix model.module_templates")
     return templates
 
 
@@ -137,12 +139,14 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        raise SettingsError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(SpherePLError, ValueError):
     """A model that cannot be loaded from the name or path given (the message says which and why)."""
+
+    hint = "set model.model.name_or_path to a saved model directory or a hub name (null: the embedded SmolLM2)"
 
 
 def _looks_like_path(name: str) -> bool:

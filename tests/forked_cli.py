@@ -32,8 +32,10 @@ PRELOAD = ["forked_cli", "test_fault_injection"]
 def _preload() -> None:
     import importlib
 
-    import sphere_pl.lightning.cli  # noqa: F401
-    import sphere_pl.lightning.commands  # noqa: F401
+    import sphere_pl.commands.cli  # noqa: F401
+    import sphere_pl.commands.run  # noqa: F401
+    import sphere_pl.commands.study  # noqa: F401
+    import sphere_pl.commands.patches  # noqa: F401
 
     for name in (
         "transformers.modeling_utils",

@@ -54,7 +54,7 @@ def test_quickstart_with_the_evaluation_overlay(tmp_path, forked_cli):
     tasks = [t["class_path"].rsplit(".", 1)[1] for t in config["general"]["tasks"]]
     assert tasks == ["ReasoningTask", "NLITask", "ClosedQATask", "OpenQATask", "PerplexityTask"]
     assert all(Path(REPO / t["init_args"]["path"]).is_file() for t in config["general"]["tasks"])
-    assert len(config["facts"]["evaluators"]) == 2 and config["model"]["cases_dir"]
+    assert len(config["facts"]["evaluators"]) == 2 and config["model"]["write_cases"] is True
     assert config["model"]["method"]["class_path"] == "sphere_pl.AlphaEdit"  # the quickstart's method is kept
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import datasets
 
+from ..errors import SettingsError, SpherePLError
 from .records import EditDataError, EditRequest
 
 DSETS_BASE_URL = "https://memit.baulab.info/data/dsets/"
@@ -41,8 +42,10 @@ QUICKSTART_PATH = Path(__file__).with_name("quickstart_edits.json")
 # Named sources: the project's offline set and the canonical remote CounterFact files.
 NAMED_SOURCES = {QUICKSTART: str(QUICKSTART_PATH), "counterfact": COUNTERFACT_URL, "multi_counterfact": MULTI_COUNTERFACT_URL, "zsre": ZSRE_URL}
 
-class EditSourceError(ValueError):
+class EditSourceError(SpherePLError, ValueError):
     """An edit data file or URL that cannot be read as records (the message names it)."""
+
+    hint = "check data.source (a local JSON/JSONL file, a named source or a URL) and data.schema"
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,7 +234,7 @@ def read_zsre_record(raw: dict, index: int, source: str | None = None, target: s
     official loader replaces every occurrence, and then refuses a template with more than one).
     """
     if target not in ZSRE_TARGETS:
-        raise ValueError(f"unknown ZsRE target convention {target!r}; choose one of {sorted(ZSRE_TARGETS)}")
+        raise SettingsError(f"unknown ZsRE target convention {target!r}; choose one of {sorted(ZSRE_TARGETS)}")
     cid = raw.get("case_id")
     cid = index if cid is None else _case_id(raw, index, source)
 
@@ -387,13 +390,13 @@ def load_edit_requests(
     """
     source = os.fspath(source)
     if schema != "auto" and schema not in READERS:
-        raise ValueError(f"unknown edit data schema {schema!r}; choose 'auto' or one of {sorted(READERS)}")
+        raise SettingsError(f"unknown edit data schema {schema!r}; choose 'auto' or one of {sorted(READERS)}")
     if zsre_target not in ZSRE_TARGETS:
-        raise ValueError(f"unknown ZsRE target convention {zsre_target!r}; choose one of {sorted(ZSRE_TARGETS)}")
+        raise SettingsError(f"unknown ZsRE target convention {zsre_target!r}; choose one of {sorted(ZSRE_TARGETS)}")
     if on_bad_record not in ("fatal", "skip"):
-        raise ValueError(f"on_bad_record must be 'fatal' or 'skip', got {on_bad_record!r}")
+        raise SettingsError(f"on_bad_record must be 'fatal' or 'skip', got {on_bad_record!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+        raise SettingsError(f"limit must be a non-negative int or None, got {limit!r}")
 
     ds = _load_records(source, cache_dir)
     if len(ds) == 0:

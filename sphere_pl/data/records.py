@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import SpherePLError
 
-class EditDataError(ValueError):
+
+class EditDataError(SpherePLError, ValueError):
     """Bad edit data. The message always names the record (case_id) and the field."""
+
+    hint = "fix that record, or set data.on_bad_record: skip to leave bad records out (they are named in a warning)"
 
     def __init__(self, case_id, field_name: str, problem: str, source: str | None = None):
         where = f" in {source}" if source else ""

@@ -1,7 +1,7 @@
 """`Editor`: sequential editing of a loaded causal LM, without Lightning.
 
     model, tokenizer = load_model_and_tokenizer("path/or/hub-name")
-    editor = Editor(model, tokenizer, method="alphaedit", filters=[SphereProjection()])
+    editor = Editor(model, tokenizer, method="alphaedit", filters=[SphereProjection(0.5, 0.5)])
     patch = editor.apply(requests)        # one edit batch; returns its Patch
     editor.evaluate(requests)             # CounterFact / ZsRE scores
     patch.save("batch-0.safetensors")
@@ -15,31 +15,50 @@ when anything fails, the edited weights are restored and the method's state is u
 from __future__ import annotations
 
 from collections import deque
-from contextlib import contextmanager
 from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..data.records import EditDataError, EditRequest
+from ..errors import SettingsError, SpherePLError
 from ..evaluation.facts import FactEvaluator
 from ..models import has_module, linear_weight, prepare_tokenizer, resolve_templates, tensors_digest
 from .lm import LoadedModel
 from .methods.base import EditMethod, create_method
 from .patch import ModuleChange, Patch, PatchError, base_fingerprint, edited_digest
-from .writer import DeltaFilter, WeightWriter
+from ..filters import DeltaFilter
+from .writer import WeightWriter
 
 
-class SettingsError(ValueError):
-    """Settings that do not fit the model (e.g. a layer index it does not have); raised before any edit."""
-
-
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(SpherePLError, ValueError):
     """A checkpoint written by another run (other model, base weights, edited modules or data)."""
 
+    hint = "resume with the config of the run that wrote this checkpoint (same model, data and seed), or start without --ckpt_path"
 
-class EditFailedError(RuntimeError):
+
+class EditFailedError(SpherePLError, RuntimeError):
     """An edit batch could not be applied; the model and the method are as before it."""
+
+    hint = "edits already applied and checkpoints already written are intact: resume with --ckpt_path <dir>/last.ckpt"
+
+
+APPLIED, QUARANTINED, REVERTED = "applied", "quarantined", "reverted"
+
+
+@dataclass
+class BatchOutcome:
+    """What became of the latest batch of the stream: `applied` whole, applied without the requests a
+    collapse guard withheld (`quarantined`), or `reverted`. `applied`: the case_ids whose edits are
+    in the weights; `withheld`: those of the batch whose edits are not. Monitors read this instead
+    of inferring it."""
+
+    index: int
+    status: str
+    applied: list = field(default_factory=list)
+    withheld: list = field(default_factory=list)
 
 
 class Editor:
@@ -48,8 +67,8 @@ class Editor:
     tokenizer: its tokenizer (set to right padding, given a pad token if it has none).
     method: an `EditMethod` or a registered name ("alphaedit").
     filters: delta filters run on every delta after the method's own post-processing, in
-        order; None: the SPHERE projection with the paper's η = 0.5 and α for the method
-        (0.5 on AlphaEdit, 0.8 on the others); [] for none.
+        order (e.g. `[SphereProjection(0.5, method.sphere_strength)]`, the paper's setting);
+        none by default: the run's config, not the core, chooses SPHERE.
     model_id: how the model is named in patches and checkpoints (default: its name_or_path).
     module_templates: module-name overrides for families sphere_pl does not know.
     history_size: how many of the latest batch patches are kept for `rollback` and checkpoints.
@@ -61,20 +80,17 @@ class Editor:
         model: nn.Module,
         tokenizer,
         method: EditMethod | str = "alphaedit",
-        filters: Sequence[DeltaFilter] | None = None,
+        filters: Sequence[DeltaFilter] | None = (),
         model_id: str | None = None,
         module_templates: dict[str, str] | None = None,
         history_size: int = 2,
         scoring_batch_size: int = 32,
     ):
-        from ..sphere.projection import SphereProjection
-
         model.requires_grad_(False)
         model_id = model_id or getattr(model.config, "name_or_path", None) or type(model).__name__
         self.lm = LoadedModel(model, prepare_tokenizer(tokenizer), resolve_templates(model, module_templates), model_id)
         self.method = create_method(method)
-        # no filters given: the SPHERE projection with the paper's η = 0.5 and the method's α
-        self.filters = [SphereProjection(0.5, self.method.sphere_strength)] if filters is None else list(filters)
+        self.filters = list(filters or ())
         self.writer = WeightWriter(self.lm, [*self.method.delta_filters(), *self.filters])
         self.edited_modules = self.method.edited_modules(self.lm.templates)
         missing = [name for name in self.edited_modules if not has_module(model, name)]
@@ -95,6 +111,7 @@ class Editor:
         self.withheld: list[list] = []  # per applied batch: case_ids of its stream batch left out (quarantined)
         self.recent_patches: deque[Patch] = deque(maxlen=history_size)
         self.last_info: dict[str, float] = {}
+        self.outcome: BatchOutcome | None = None  # of the latest batch given to `apply` (or reverted)
         self._prepared = False
         self._pending_method_state = None
 
@@ -208,6 +225,7 @@ class Editor:
             **self._metadata(first_batch=self.batches_done, last_batch=self.batches_done, case_ids=case_ids),
             info=result.info,
         )
+        self.outcome = BatchOutcome(self.batches_done, QUARANTINED if withheld else APPLIED, list(case_ids), list(withheld))
         self.batches_done += 1
         self.edits_applied += len(requests)
         self.case_ids.append(case_ids)
@@ -225,8 +243,10 @@ class Editor:
                 f"this patch holds batches {first}..{last}, but the latest applied batch is {self.batches_done - 1}: "
                 "revert patches in reverse order of application"
             )
-        patch.revert_from(self.model)  # checks model fingerprint and the current weights' digest
+        patch.check_fits(self.model, "revert")  # the model's fingerprint and the current weights' digest
+        self.writer.put(patch.reverted_weights(self.model))
         self.method.revert(last - first + 1)
+        self.outcome = BatchOutcome(first, REVERTED, [], [c for ids in self.case_ids[first:] for c in ids])
         del self.case_ids[first:]
         del self.withheld[first:]
         self.edits_applied = sum(len(c) for c in self.case_ids)
@@ -238,13 +258,14 @@ class Editor:
     def trial(self, requests: Sequence[EditRequest]):
         """Apply `requests` as a batch for the duration, then revert it exactly: weights, method state and
         the kept patches (a collapse guard tries parts of a batch this way)."""
-        kept = list(self.recent_patches)
+        kept, outcome = list(self.recent_patches), self.outcome
         patch = self.apply(requests)
         try:
             yield patch
         finally:
             self.revert(patch)
             self.recent_patches = deque(kept, maxlen=self.history_size)
+            self.outcome = outcome
 
     def rollback(self, num_batches: int) -> None:
         """Undo the last `num_batches` batches with the patches kept in `recent_patches`."""
@@ -309,6 +330,7 @@ class Editor:
             "weights": {n: linear_weight(self.model.get_submodule(n)).detach().cpu().clone() for n in self.edited_modules},
             "method": self.method.state_dict(),
             "recent_patches": [_patch_to_state(p) for p in self.recent_patches],
+            "seconds": dict(self.timer.seconds),  # per phase, so that a resumed run's timings cover the whole run
         }
 
     def check_state(self, state: dict) -> None:
@@ -352,6 +374,8 @@ class Editor:
         self.case_ids = [list(c) for c in state["case_ids"]]
         self.withheld = [list(c) for c in state.get("withheld", [[] for _ in self.case_ids])]
         self.recent_patches = deque((_patch_from_state(p) for p in state["recent_patches"]), maxlen=self.history_size)
+        for phase, seconds in state.get("seconds", {}).items():
+            self.timer.seconds[phase] += float(seconds)
         if self._prepared:
             self.method.load_state_dict(state["method"])
         else:

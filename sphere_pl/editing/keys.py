@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from ..errors import SettingsError
 from ..models import ModuleTemplates
 from ..data.records import EditRequest
 from ..tracing import capture, run_from_layer, token_positions, tokenize
@@ -72,7 +73,7 @@ class KeyReader:
 
     def __init__(self, model, tokenizer, templates: ModuleTemplates, requests: list[EditRequest], context_groups: list[list[str]], from_layer: int, batch_size: int = 16):
         if context_groups[0][0] != "{}":
-            raise ValueError("the first context template must be '{}' (the bare prompt)")
+            raise SettingsError("the first context template must be '{}' (the bare prompt)")
         self.model, self.templates, self.from_layer = model, templates, from_layer
         self.n, self.context_groups = len(requests), context_groups
         device = next(model.parameters()).device

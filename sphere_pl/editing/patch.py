@@ -25,13 +25,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import SpherePLError
+from ..files import atomic_write
 from ..models import has_module, linear_weight, set_linear_weight, tensors_digest, weights_fingerprint
 
 FORMAT = "sphere_pl.patch/1"
 
 
-class PatchError(ValueError):
+class PatchError(SpherePLError, ValueError):
     """A patch that cannot be read or does not fit the weights it is applied to."""
+
+    hint = "use a patch exported (sphere-pl export) from a run on this model and these base weights"
 
 
 def base_fingerprint(model: nn.Module, edited_modules: list[str]) -> str:
@@ -158,22 +162,30 @@ class Patch:
             )
 
     @torch.no_grad()
+    def applied_weights(self, model: nn.Module):
+        """(module, weight with this patch applied) for each module, one at a time (nn.Linear layout)."""
+        for name, change in self.changes.items():
+            yield name, change.forward(linear_weight(model.get_submodule(name)).detach())
+
+    @torch.no_grad()
+    def reverted_weights(self, model: nn.Module):
+        """(module, weight from before this patch) for each module, one at a time (nn.Linear layout)."""
+        for name, change in self.changes.items():
+            yield name, change.backward(linear_weight(model.get_submodule(name)).detach())
+
     def apply_to(self, model: nn.Module, check: bool = True) -> None:
         """Write the patched weights into `model` (checked first; bit-exact)."""
         if check:
             self.check_fits(model, "apply")
-        for name, change in self.changes.items():
-            module = model.get_submodule(name)
-            set_linear_weight(module, change.forward(linear_weight(module).detach()))
+        for name, weight in self.applied_weights(model):
+            set_linear_weight(model.get_submodule(name), weight)
 
-    @torch.no_grad()
     def revert_from(self, model: nn.Module, check: bool = True) -> None:
         """Give `model` back the weights from before this patch (checked first; bit-exact)."""
         if check:
             self.check_fits(model, "revert")
-        for name, change in self.changes.items():
-            module = model.get_submodule(name)
-            set_linear_weight(module, change.backward(linear_weight(module).detach()))
+        for name, weight in self.reverted_weights(model):
+            set_linear_weight(model.get_submodule(name), weight)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> None:
@@ -182,11 +194,8 @@ class Patch:
         for name, c in self.changes.items():
             for part in ("delta", "fix_index", "fix_before", "fix_after"):
                 tensors[f"{name}.{part}"] = getattr(c, part).detach().cpu().contiguous()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "sphere_pl": json.dumps(self.metadata, default=str)})
-        tmp.replace(path)
+        metadata = {"format": FORMAT, "sphere_pl": json.dumps(self.metadata, default=str)}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> Patch:

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..errors import SettingsError, SpherePLError
+from ..files import atomic_write, load_checkpoint_file, save_checkpoint_file
 from ..models import ModuleTemplates, linear_weight, weights_fingerprint
 from ..tracing import capture
 
@@ -33,8 +35,10 @@ ACCUMULATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MOM2_FILE = re.compile(r"^(?P<module>.+)_(?P<dtype>float16|float32|float64)_mom2(?:_t[^_]*)?(?:_(?P<samples>\d+))?\.npz$")
 
 
-class StatisticsFileError(ValueError):
+class StatisticsFileError(SpherePLError, ValueError):
     """A published statistics file that does not fit the model or layer (names file, field and fix)."""
+
+    hint = "point stats.from_file at the .npz files computed for this model (<module>_<dtype>_mom2_<n>.npz), or remove it to compute C0"
 
 
 @dataclass
@@ -71,7 +75,7 @@ class KeyStatistics:
 
     def __post_init__(self):
         if self.accumulate_dtype not in ACCUMULATE_DTYPES:
-            raise ValueError(f"stats.accumulate_dtype must be one of {sorted(ACCUMULATE_DTYPES)}, got {self.accumulate_dtype!r}")
+            raise SettingsError(f"stats.accumulate_dtype must be one of {sorted(ACCUMULATE_DTYPES)}, got {self.accumulate_dtype!r}")
 
 
 def _local_files(corpus: str) -> list[str] | None:
@@ -163,11 +167,9 @@ def second_moments(model, tokenizer, templates: ModuleTemplates, layers: list[in
     for layer in missing:
         result[layer] = moments[layer]
         if _rank_and_world()[0] == 0:  # every rank holds the same reduced C0; one writes it
-            os.makedirs(os.path.dirname(paths[layer]), exist_ok=True)
-            tmp = paths[layer] + ".tmp"
             saved = {"second_moment": result[layer], "fingerprint": fingerprints[layer], "tokens": tokens, "config": asdict(cfg), "model": model_id}
-            torch.save({**saved, "convergence": [row for row in convergence if row["layer"] == layer]}, tmp)
-            os.replace(tmp, paths[layer])
+            saved["convergence"] = [row for row in convergence if row["layer"] == layer]
+            atomic_write(paths[layer], lambda tmp, saved=saved: torch.save(saved, tmp))
     _barrier()
     return result
 
@@ -200,8 +202,6 @@ def _partial_path(paths: dict[int, str], layers: list[int]) -> str:
 
 
 def _load_partial(path: str, fingerprints: dict[int, str], layers: list[int]) -> dict | None:
-    from ..lightning.checkpoint_io import load_checkpoint_file  # safetensors, no pickle
-
     if not os.path.exists(path):
         return None
     try:
@@ -216,12 +216,7 @@ def _load_partial(path: str, fingerprints: dict[int, str], layers: list[int]) ->
 
 
 def _save_partial(path: str, state: dict) -> None:
-    from ..lightning.checkpoint_io import save_checkpoint_file
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    save_checkpoint_file(state, tmp)
-    os.replace(tmp, path)
+    save_checkpoint_file(state, path)  # safetensors, written whole or not at all
 
 
 def _convergence_rows(sums, previous, count_tensor, layers, batches, sequences, cfg) -> tuple[list[dict], dict]:
@@ -324,7 +319,7 @@ def accumulate_moments(
         convergence += rows
     total = int(_all_reduce(count.clone()))
     if total == 0:
-        raise ValueError(f"corpus {cfg.corpus!r} gave no text to compute key statistics from")
+        raise SettingsError(f"corpus {cfg.corpus!r} gave no text to compute key statistics from")
     moments = {layer: (_all_reduce(sums[layer]) / total).float().cpu() for layer in layers}
     if os.path.exists(partial_path):
         os.remove(partial_path)
@@ -345,12 +340,14 @@ def mom2_file_name(module_name: str, dtype: str, num_samples: int) -> str:
 
 def write_mom2_file(directory: str, module_name: str, mom2_sum: torch.Tensor, count: int, dtype: str, num_samples: int) -> str:
     """Write a second-moment file in the official format (`mom2.mom2` = Σ k kᵀ, `mom2.count`)."""
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, mom2_file_name(module_name, dtype, num_samples))
-    np.savez(
-        path,
-        **{"mom2.constructor": np.array("util.runningstats.SecondMoment()"), "mom2.count": np.array(count), "mom2.mom2": mom2_sum.to(getattr(torch, dtype)).numpy()},
-    )
+    arrays = {"mom2.constructor": np.array("util.runningstats.SecondMoment()"), "mom2.count": np.array(count), "mom2.mom2": mom2_sum.to(getattr(torch, dtype)).numpy()}
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a temporary name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
     return path
 
 

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from ..errors import SettingsError, SpherePLError
 
 #: share of the free memory that `auto` may plan with: the CPU's RAM is shared with the
 #: evaluation, the loggers and the rest of the machine; a GPU is the run's own
@@ -40,8 +41,10 @@ SMALL_PASS = 4
 GB = 1024**3
 
 
-class ValueMemoryError(ValueError):
+class ValueMemoryError(SpherePLError, ValueError):
     """Not even one request's pass of the value search fits the memory budget."""
+
+    hint = "raise values.memory_budget_gb (or free memory on the device), or shorten that record's prompt"
 
 
 @dataclass(frozen=True)
@@ -276,17 +279,17 @@ def check_compute_dtype(compute_dtype: str, device: torch.device) -> None:
     if device.type == "cuda":
         if not torch.cuda.is_bf16_supported(including_emulation=False):
             name = torch.cuda.get_device_name(device)
-            raise ValueError(
+            raise SettingsError(
                 f"values.compute_dtype = 'bfloat16' needs a GPU with bfloat16 arithmetic; {name} has none "
                 "(compute capability below 8.0): use float32"
             )
     elif device.type == "cpu":
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            raise ValueError(
+            raise SettingsError(
                 "values.compute_dtype = 'bfloat16' needs a CPU with AVX-512 (oneDNN's bfloat16 kernels); this one has none: use float32"
             )
     else:
-        raise ValueError(f"values.compute_dtype = 'bfloat16' is supported on CPU and CUDA, not on {device.type}: use float32")
+        raise SettingsError(f"values.compute_dtype = 'bfloat16' is supported on CPU and CUDA, not on {device.type}: use float32")
 
 
 def is_budget_gb(value) -> bool:

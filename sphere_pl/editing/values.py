@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..errors import SettingsError
 from ..heap import trim_heap
 from ..models import ModuleTemplates
 from ..data.records import EditRequest
@@ -89,7 +90,7 @@ class ValueOptimization:
     def __post_init__(self):
         def need(ok: bool, name: str, rule: str, why: str = "the edit would change nothing or diverge"):
             if not ok:
-                raise ValueError(f"values.{name} = {getattr(self, name)!r} {rule}: {why}")
+                raise SettingsError(f"values.{name} = {getattr(self, name)!r} {rule}: {why}")
 
         def integer(x) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
@@ -239,7 +240,7 @@ def _check_layers(model, templates: ModuleTemplates, layer: int, hp: ValueOptimi
     num_layers = len(model.get_submodule(templates.layers))
     loss_layer = hp.loss_layer if hp.loss_layer >= 0 else num_layers + hp.loss_layer
     if not layer <= loss_layer < num_layers:
-        raise ValueError(f"value loss layer {loss_layer} must lie between the edited layer {layer} and {num_layers - 1}")
+        raise SettingsError(f"value loss layer {loss_layer} must lie between the edited layer {layer} and {num_layers - 1}")
     return loss_layer
 
 

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..filters import DeltaFilter
 from ..models import linear_weight, set_linear_weight
 from .lm import LoadedModel
 
@@ -33,22 +34,6 @@ class WrittenOutsideError(RuntimeError):
     """A weight changed during a batch by something other than the writer."""
 
 
-class DeltaFilter(nn.Module):
-    """Base class of delta filters: `filter(module_name, weight, delta) -> delta`, both in
-    nn.Linear layout (d_out x d_in). A subclass implements `forward` and may override
-    `prepare` (called once, on the unedited model) and `settings` (recorded in patches).
-    """
-
-    def forward(self, module_name: str, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def prepare(self, model: nn.Module, module_names: list[str]) -> None:
-        """Read what the filter needs from the unedited weights."""
-
-    def settings(self) -> dict:
-        return {"name": type(self).__name__}
-
-
 class WeightWriter:
     """Filters, checks and writes deltas."""
 
@@ -56,6 +41,7 @@ class WeightWriter:
         self.lm = lm
         self.filters = list(filters)
         self.versions: dict[str, int] = {}  # module -> its weight's version after the writer's last change
+        self.generation = 0  # counts every change the writer makes: equal generations, equal weights
 
     def begin_batch(self) -> None:
         """Start remembering this batch's changes (weights may have been reverted or loaded in between)."""
@@ -71,10 +57,12 @@ class WeightWriter:
     def _set(self, module_name: str, module: nn.Module, value: torch.Tensor) -> None:
         set_linear_weight(module, value)
         self.versions[module_name] = module.weight._version
+        self.generation += 1
 
-    def put(self, weights: dict[str, torch.Tensor]) -> None:
-        """Set weights (nn.Linear layout) exactly as given: a restore (a failed batch, a resume)."""
-        for name, weight in weights.items():
+    def put(self, weights) -> None:
+        """Set weights (nn.Linear layout) exactly as given: a restore (a failed batch, a resume, a reverted
+        patch). `weights`: a dict, or (module, weight) pairs."""
+        for name, weight in weights.items() if isinstance(weights, dict) else weights:
             self._set(name, self.lm.model.get_submodule(name), weight)
 
     @contextmanager

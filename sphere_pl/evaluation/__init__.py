@@ -4,14 +4,13 @@ Every evaluator follows `base.Evaluator`: `update(model, tokenizer, items) -> pe
 torchmetrics state, `compute()` / `reset()`.
 """
 
-from .base import CaseWriter, EvalDataError, Evaluator
+from .base import EvalDataError, Evaluator
 from .counterfact import CounterFactEvaluator, CounterFactMagnitude, CounterFactScore, counterfact_metrics
 from .facts import FactEvaluator
 from .scoring import compare_targets, score_targets, target_nll, target_token_accuracy
 from .zsre import TokenAccuracy, ZsREEvaluator, zsre_metrics
 
 __all__ = [
-    "CaseWriter",
     "CounterFactEvaluator",
     "CounterFactMagnitude",
     "CounterFactScore",

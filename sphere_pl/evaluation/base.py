@@ -4,7 +4,7 @@ An evaluator is one benchmark: a reader for its file (when it has its own data),
 plain-function core, and torchmetrics metrics. It must implement
 
 * ``update(model, tokenizer, items) -> list[dict]``: score `items`, update `self.metrics`
-  and return one JSON-serialisable row per case (the per-case file, see `CaseWriter`);
+  and return one JSON-serialisable row per case (a run writes them to its per-case files);
 
 and may override ``compute`` / ``reset`` (default: those of `self.metrics`). Evaluators with
 their own data (the general-ability tasks, `sphere_pl.evaluation.general`) also implement
@@ -18,18 +18,20 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
+from ..errors import SettingsError, SpherePLError
 
 ON_BAD_RECORD = ("fatal", "skip")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(SpherePLError, ValueError):
     """A malformed evaluation record. The message names the file, the record (line or index) and the field."""
+
+    hint = "fix that record, or set on_bad_record: skip on the task to leave bad records out (never scored)"
 
     def __init__(self, source: str, where: str, field: str, problem: str):
         super().__init__(f"{source}: {where}: field {field!r}: {problem}")
@@ -38,7 +40,7 @@ class EvalDataError(ValueError):
 
 def check_on_bad_record(value: str) -> str:
     if value not in ON_BAD_RECORD:
-        raise ValueError(f"on_bad_record must be one of {list(ON_BAD_RECORD)}, got {value!r}")
+        raise SettingsError(f"on_bad_record must be one of {list(ON_BAD_RECORD)}, got {value!r}")
     return value
 
 
@@ -120,6 +122,10 @@ class Evaluator:
     def compute(self) -> dict[str, Tensor]:
         return dict(self.metrics.compute())
 
+    def metric_names(self) -> list[str]:
+        """The names `compute` returns (without a prefix given at scoring time)."""
+        return list(self.metrics.keys())
+
     def reset(self) -> None:
         self.metrics.reset()
 
@@ -165,25 +171,3 @@ def compute_or_nan(metrics: MetricCollection) -> dict[str, Tensor]:
     """Each metric's value, NaN for one never updated (e.g. consistency with no references),
     without torchmetrics' warning about computing before updating."""
     return {name: m.compute() if m.update_count else torch.tensor(math.nan) for name, m in metrics.items()}
-
-
-class CaseWriter:
-    """Appends per-case rows to `<directory>/<name>.jsonl`, one JSON object per line, each with
-    the evaluation's context (population, moment, edits so far) so that files can be joined."""
-
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
-
-    def write(self, name: str, rows: Sequence[dict], **context) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{name}.jsonl"
-        with open(path, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps({**context, **row}, default=_plain) + "\n")
-        return path
-
-
-def _plain(value):
-    if isinstance(value, Tensor):
-        return value.tolist()
-    return str(value)

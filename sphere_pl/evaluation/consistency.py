@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import SettingsError
 from ..data.records import EditRequest
 from .base import RunningMean
 
@@ -144,9 +145,9 @@ class TfidfModel:
         with open(vocab_json, encoding="utf-8") as f:
             vocab = json.load(f)
         if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in vocab.items()):
-            raise ValueError(f"{os.fspath(vocab_json)}: expected a JSON object mapping terms to integer columns")
+            raise SettingsError(f"{os.fspath(vocab_json)}: expected a JSON object mapping terms to integer columns")
         if len(idf) != len(vocab):
-            raise ValueError(f"{os.fspath(idf_npy)} has {len(idf)} idf values but {os.fspath(vocab_json)} has {len(vocab)} terms")
+            raise SettingsError(f"{os.fspath(idf_npy)} has {len(idf)} idf values but {os.fspath(vocab_json)} has {len(vocab)} terms")
         return cls(vocab, idf)
 
     def vectorize(self, texts: Sequence[str]) -> np.ndarray:
@@ -200,7 +201,7 @@ class ReferenceTexts:
 
     def __post_init__(self):
         if self.max_passages < 1:
-            raise ValueError(f"max_passages must be positive, got {self.max_passages}")
+            raise SettingsError(f"max_passages must be positive, got {self.max_passages}")
 
     @classmethod
     def from_files(
@@ -270,16 +271,16 @@ def read_attribute_snippets(path: str | os.PathLike) -> dict[str, dict[str, list
     with open(source, encoding="utf-8") as f:
         raw = json.load(f)
     if not isinstance(raw, list):
-        raise TypeError(f"{source}: expected a JSON list of snippet groups, got {type(raw).__name__}")
+        raise SettingsError(f"{source}: expected a JSON list of snippet groups, got {type(raw).__name__}")
     snippets: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for i, group in enumerate(raw):
         if not isinstance(group, dict) or not all(k in group for k in ("relation_id", "target_id", "samples")):
-            raise ValueError(f"{source}: entry {i}: expected an object with relation_id, target_id and samples")
+            raise SettingsError(f"{source}: entry {i}: expected an object with relation_id, target_id and samples")
         if not isinstance(group["samples"], list):
-            raise TypeError(f"{source}: entry {i}: field 'samples' is not a list")
+            raise SettingsError(f"{source}: entry {i}: field 'samples' is not a list")
         for j, sample in enumerate(group["samples"]):
             if not isinstance(sample, dict) or not isinstance(sample.get("text"), str):
-                raise TypeError(f"{source}: entry {i}: samples[{j}] has no string 'text'")
+                raise SettingsError(f"{source}: entry {i}: samples[{j}] has no string 'text'")
             snippets[str(group["relation_id"])][str(group["target_id"])].append(sample["text"])
     return {rel: dict(targets) for rel, targets in snippets.items()}
 

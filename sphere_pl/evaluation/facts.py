@@ -50,6 +50,10 @@ class FactEvaluator(Evaluator):
             values.update({k: v for k, v in computed.items() if not (distributed and torch.isnan(v))})
         return values
 
+    def metric_names(self, benchmarks=("counterfact", "zsre")) -> list[str]:
+        """The metrics of facts of these benchmarks."""
+        return [name for benchmark in sorted(set(benchmarks)) for name in self.evaluators[benchmark].metric_names()]
+
     def reset(self) -> None:
         for evaluator in self.evaluators.values():
             evaluator.reset()

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..errors import SettingsError
+
 
 @torch.no_grad()
 def generate_continuations(
@@ -31,11 +33,11 @@ def generate_continuations(
     eval mode and is put back in its previous mode afterwards.
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise SettingsError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise SettingsError(f"batch_size must be positive, got {batch_size}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive int or None (greedy), got {top_k}")
+        raise SettingsError(f"top_k must be a positive int or None (greedy), got {top_k}")
     prompts = list(prompts)
     if not prompts:
         return []

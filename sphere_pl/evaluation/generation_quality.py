@@ -24,6 +24,7 @@ import numpy as np
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from ..errors import SettingsError
 from ..data.records import EditRequest
 from .base import Evaluator
 from .consistency import Consistency, ReferenceTexts, TfidfModel
@@ -70,9 +71,9 @@ class GenerationQualityEvaluator(Evaluator):
         max_passages: int = 10,
     ):
         if prompts_per_record is not None and prompts_per_record < 1:
-            raise ValueError(f"prompts_per_record must be positive or None (all), got {prompts_per_record}")
+            raise SettingsError(f"prompts_per_record must be positive or None (all), got {prompts_per_record}")
         if (idf_file is None) != (vocab_file is None):
-            raise ValueError("idf_file and vocab_file come together (ROME's idf.npy and tfidf_vocab.json)")
+            raise SettingsError("idf_file and vocab_file come together (ROME's idf.npy and tfidf_vocab.json)")
         if tfidf is None and idf_file is not None:
             tfidf = TfidfModel.from_files(idf_file, vocab_file)
         elif tfidf is None and corpus is not None:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from ..errors import SettingsError
 from ..data.records import EditRequest
 from .base import Evaluator
 from .base import RunningMean, compute_or_nan
@@ -72,9 +73,9 @@ class GenerativeEfficacyEvaluator(Evaluator):
 
     def __init__(self, max_new_tokens: int | None = None, extra_tokens: int = 2, batch_size: int = 16):
         if max_new_tokens is not None and max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be positive or None, got {max_new_tokens}")
+            raise SettingsError(f"max_new_tokens must be positive or None, got {max_new_tokens}")
         if extra_tokens < 0:
-            raise ValueError(f"extra_tokens must be non-negative, got {extra_tokens}")
+            raise SettingsError(f"extra_tokens must be non-negative, got {extra_tokens}")
         self.max_new_tokens, self.extra_tokens, self.batch_size = max_new_tokens, extra_tokens, batch_size
         self.metrics = MetricCollection(
             {"generated_efficacy": GeneratedTargetRate(), "generated_generalization": GeneratedTargetRate()},

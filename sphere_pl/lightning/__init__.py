@@ -1,27 +1,21 @@
-"""Lightning wrapping of the editing core: the module, the edit DataModule, callbacks, CLI and loggers."""
+"""The Lightning adapter: the editing core as a LightningModule and a DataModule, the run record,
+checkpoints (the file plugin, the `sphere_pl` section, the callback that writes them), the
+single-device strategy, progress output and the W&B logger."""
 
-from .callbacks import EditCheckpoint, HypersphericalEnergyMonitor, RunSummary
-from .collapse import CollapseStop
+from .checkpoint import EditCheckpoint, RunDirectoryInUseError, RunLock
 from .datamodule import EditDataModule
-from .facts import FactMonitor
-from .general import GeneralAbilityMonitor
-from .guard import CollapseGuard
-from .he_analysis import HEAnalysis
 from .module import SequentialEditor
-from .recorder import RunRecorder
+from .progress import EditProgress
+from .record import RunRecord
 from .strategy import EditingStrategy
 
 __all__ = [
-    "CollapseGuard",
-    "CollapseStop",
     "EditCheckpoint",
     "EditDataModule",
+    "EditProgress",
     "EditingStrategy",
-    "FactMonitor",
-    "GeneralAbilityMonitor",
-    "HEAnalysis",
-    "HypersphericalEnergyMonitor",
-    "RunRecorder",
-    "RunSummary",
+    "RunDirectoryInUseError",
+    "RunLock",
+    "RunRecord",
     "SequentialEditor",
 ]

@@ -12,6 +12,7 @@ import random
 
 import lightning as L
 
+from ..errors import SettingsError
 from ..data.readers import NAMED_SOURCES, QUICKSTART, ZSRE_TARGETS, load_edit_requests
 from ..data.records import EditBatch, EditRequest
 
@@ -99,14 +100,14 @@ class EditDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if num_edits < 1:
-            raise ValueError(f"num_edits must be at least 1, got {num_edits}")
+            raise SettingsError(f"num_edits must be at least 1, got {num_edits}")
         self.source = NAMED_SOURCES.get(source, source)
         self.schema = schema
         if on_bad_record not in ("fatal", "skip"):
-            raise ValueError(f"data.on_bad_record must be 'fatal' or 'skip', got {on_bad_record!r}")
+            raise SettingsError(f"data.on_bad_record must be 'fatal' or 'skip', got {on_bad_record!r}")
         self.on_bad_record = on_bad_record
         if zsre_target not in ZSRE_TARGETS:
-            raise ValueError(f"data.zsre_target must be one of {sorted(ZSRE_TARGETS)} (what a ZsRE edit teaches), got {zsre_target!r}")
+            raise SettingsError(f"data.zsre_target must be one of {sorted(ZSRE_TARGETS)} (what a ZsRE edit teaches), got {zsre_target!r}")
         self.zsre_target = zsre_target
         self.dataset_size_limit = dataset_size_limit
         self.num_edits = num_edits
@@ -127,7 +128,7 @@ class EditDataModule(L.LightningDataModule):
                                      zsre_target=self.zsre_target)
         n_edit = len(records) - self.num_holdout if self.dataset_size_limit is None else self.dataset_size_limit
         if n_edit < 1 or n_edit > len(records):
-            raise ValueError(
+            raise SettingsError(
                 f"{self.source} has {len(records)} records: cannot edit {n_edit} of them"
                 f" and keep {self.num_holdout} held out"
             )
@@ -136,7 +137,7 @@ class EditDataModule(L.LightningDataModule):
             edit = random.Random(self.seed).sample(edit, len(edit))
         start = n_edit if self.holdout_start is None else self.holdout_start % len(records) if self.holdout_start < 0 else self.holdout_start
         if start < n_edit and self.num_holdout:
-            raise ValueError(f"data.holdout_start = {self.holdout_start} puts held-out records among the {n_edit} edited ones of {self.source}")
+            raise SettingsError(f"data.holdout_start = {self.holdout_start} puts held-out records among the {n_edit} edited ones of {self.source}")
         self.edit_requests = edit
         self.holdout_requests = records[start : start + self.num_holdout]
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
+from ..errors import SettingsError
+
 
 class EditingStrategy(SingleDeviceStrategy):
     """Args:
@@ -36,7 +38,7 @@ class EditingStrategy(SingleDeviceStrategy):
     @parallel_devices.setter
     def parallel_devices(self, devices: list[torch.device]) -> None:
         if len(devices) != 1:
-            raise ValueError(
+            raise SettingsError(
                 f"EditingStrategy runs on one device, the trainer chose {len(devices)}: give --trainer.strategy ddp to "
                 "evaluate on several (validate/test)"
             )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import SettingsError
+
 DEFAULT_CHUNK_SIZE = 1024
 _DIST2_EPS = 1e-12  # squared distances are clamped here so coincident rows stay finite
 
@@ -22,7 +24,7 @@ def _check_weight(weight: torch.Tensor) -> None:
 
 def _check_chunk_size(chunk_size: int) -> None:
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise SettingsError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
 def _column_chunks(weight: torch.Tensor, chunk_size: int):
@@ -93,9 +95,9 @@ def hyperspherical_energy(
     Returns a float64 scalar tensor on the weight's device.
     """
     if s < 0:
-        raise ValueError(f"s must be >= 0, got {s}")
+        raise SettingsError(f"s must be >= 0, got {s}")
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        raise SettingsError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     _check_weight(weight)
     n = weight.shape[0]
     if n < 2:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import SettingsError
 from .hyperspherical import principal_directions, sphere_project
-from ..editing.writer import DeltaFilter
+from ..filters import DeltaFilter
 from ..models import linear_weight
 
 BASES = ("current", "pretrained")
@@ -27,11 +28,11 @@ class SphereProjection(DeltaFilter):
     def __init__(self, cumulative_ratio: float = 0.5, strength: float = 0.5, basis: str = "current"):
         super().__init__()
         if basis not in BASES:
-            raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+            raise SettingsError(f"basis must be one of {BASES}, got {basis!r}")
         if not 0.0 <= cumulative_ratio < 1.0:
-            raise ValueError(f"SphereProjection cumulative_ratio (η) must lie in [0, 1) (the paper: 0.5; 0 disables), got {cumulative_ratio}")
+            raise SettingsError(f"SphereProjection cumulative_ratio (η) must lie in [0, 1) (the paper: 0.5; 0 disables), got {cumulative_ratio}")
         if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"SphereProjection strength (α) must lie in [0, 1] (the paper: 0.5 on AlphaEdit, 0.8 on the others), got {strength}")
+            raise SettingsError(f"SphereProjection strength (α) must lie in [0, 1] (the paper: 0.5 on AlphaEdit, 0.8 on the others), got {strength}")
         self.cumulative_ratio = cumulative_ratio
         self.strength = strength
         self.basis = basis

@@ -56,8 +56,11 @@ def test_methods_are_created_by_registered_name_and_unknown_names_are_refused(st
 
 
 def make_editor(tiny_model_dir, method_factory, name, filters=None, **kwargs) -> Editor:
+    """An editor of the tiny model with method `name`; `filters` None: the SPHERE projection as the paper sets it for the method."""
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
-    return Editor(model, tokenizer, method_factory(name), filters=filters, model_id=tiny_model_dir, **kwargs)
+    method = method_factory(name)
+    filters = [SphereProjection(0.5, method.sphere_strength)] if filters is None else filters
+    return Editor(model, tokenizer, method, filters=filters, model_id=tiny_model_dir, **kwargs)
 
 
 def all_params(editor: Editor) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ import yaml
 from helpers import cli_env, run_cli, save_tiny_model
 from sphere_pl.data.readers import QUICKSTART_PATH
 from sphere_pl.editing.stats import write_mom2_file
-from sphere_pl.lightning.cli import main
+from sphere_pl.commands.cli import main
 from test_cli_commands import run_config
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -256,8 +256,11 @@ ROWS = [
      "rephrase": "What does UniFirst make?", "loc": "nq question: who wrote hamlet", "loc_ans": "shakespeare", "answers": []}]),
      schema="zsre"), r"case_id.*0.*field 'answers'.*non-empty list"),
     ("config-guard-unknown-action", config_change(**{"guard.enabled": True, "guard.action": "undo"}), r"guard.action must be one of \['warn', 'stop', 'rollback'\], got 'undo'"),
-    ("config-guard-threshold-out-of-range", config_change(**{"guard.enabled": True, "guard.canary_drop": -0.1}), r"guard.canary_drop must be a positive number or null"),
-    ("config-guard-more-canaries-than-held-out", config_change(**{"guard.enabled": True, "guard.canaries": 500}), r"guard.canaries = 500, but the data holds \d+ never-edited records"),
+    ("config-guard-condition-without-threshold", config_change(**{"guard.enabled": True, "guard.conditions": [{"metric": "canary/specificity"}]}),
+     r"guard: conditions\[0\] \(canary/specificity\): give exactly one of"),
+    ("config-guard-condition-on-a-metric-never-recorded", config_change(**{"guard.enabled": True, "guard.conditions": [
+        {"metric": "canary/perplexity", "ratio_to_start_above": 2.0}]}), r"guard: conditions\[0\]: metric 'canary/perplexity' is never recorded"),
+    ("config-more-canaries-than-held-out", config_change(**{"canary_specificity.records": 500}), r"canary_specificity.records = 500, but the data holds \d+ never-edited records"),
     ("edits-zsre-unknown-target", config_change(**{"data.zsre_target": "gold"}), r"data.zsre_target must be one of \['alt', 'answer'\].*'gold'"),
     # ---------------------------------------------------------- evaluation files
     ("eval-nli-bad-label", general_task("NLITask", "index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\tmaybe\n", "nli.tsv"), r"nli.tsv: line 2: field 'label'"),

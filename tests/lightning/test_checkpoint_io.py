@@ -8,13 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sphere_pl.lightning.checkpoint_io import (
-    CheckpointFormatError,
-    SafetensorsCheckpointIO,
-    is_safetensors_checkpoint,
-    load_checkpoint_file,
-    save_checkpoint_file,
-)
+from sphere_pl.files import CheckpointFormatError, is_safetensors_checkpoint, load_checkpoint_file, save_checkpoint_file
+from sphere_pl.lightning.checkpoint_io import SafetensorsCheckpointIO
 
 
 def _nested() -> dict:

@@ -23,7 +23,7 @@ from helpers import REPO, cli_env, run_cli, save_tiny_model
 from sphere_pl import load_model_and_tokenizer
 from sphere_pl.data.readers import QUICKSTART_PATH, load_edit_requests
 from sphere_pl.evaluation.counterfact import CounterFactEvaluator
-from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
+from sphere_pl.files import load_checkpoint_file
 
 NUM_EDITS, NUM_BATCHES = 4, 3
 
@@ -70,7 +70,7 @@ def fitted(tiny_model_dir, stats_cache, tmp_path_factory):
     """One CLI fit of 3 batches of 4 quickstart edits; its directory, config, env and console output."""
     root = tmp_path_factory.mktemp("fitted")
     env = cli_env(root)
-    config = write_config(root / "edit.yaml", run_config(tiny_model_dir, stats_cache, root / "run", model__cases_dir=str(root / "run" / "cases")))
+    config = write_config(root / "edit.yaml", run_config(tiny_model_dir, stats_cache, root / "run", model__write_cases=True))
     result = run_cli(["fit", "--config", config], root, env)
     return {"root": root, "run": root / "run", "config": config, "env": env, "stdout": result.stdout}
 
@@ -110,11 +110,11 @@ def test_fit_ends_with_a_summary_table_and_summary_files(fitted, tiny_model_dir)
 
 
 def test_per_case_files_hold_every_prompt_and_agree_with_the_logged_metrics(fitted):
-    cases = fitted["run"] / "cases"
-    assert sorted(p.name for p in cases.iterdir()) == [
-        "edited_so_far.jsonl", "final-edited.jsonl", "last_batch.jsonl", "never_edited.jsonl", "pre_edit-to_edit.jsonl",
-    ]  # fmt: skip
-    final = [json.loads(line) for line in (cases / "final-edited.jsonl").read_text().splitlines()]
+    cases = fitted["run"] / "cases"  # one file per evaluation: cases/<population>/<moment>-<edits>.jsonl
+    assert sorted(p.name for p in cases.iterdir()) == ["edited_so_far", "final-edited", "last_batch", "never_edited", "pre_edit-to_edit"]
+    assert sorted(p.name for p in (cases / "never_edited").iterdir()) == [
+        "after_batch-000004.jsonl", "after_batch-000008.jsonl", "after_batch-000012.jsonl", "pre_edit-000000.jsonl"]  # fmt: skip
+    final = [json.loads(line) for line in (cases / "final-edited" / "final-000012.jsonl").read_text().splitlines()]
     # quickstart records: one rewrite prompt, their paraphrases and neighborhood prompts each
     requests = edited_requests()
     expected_prompts = sum(1 + len(r.paraphrase_prompts) + len(r.neighborhood_prompts) for r in requests)
@@ -129,7 +129,7 @@ def test_per_case_files_hold_every_prompt_and_agree_with_the_logged_metrics(fitt
             for row in final
         )
         assert sum(decisions) / len(decisions) == pytest.approx(summary["final"][f"final/edited/{group}_score"])
-    last = [json.loads(line) for line in (cases / "last_batch.jsonl").read_text().splitlines()]
+    last = [json.loads(line) for path in sorted((cases / "last_batch").iterdir()) for line in path.read_text().splitlines()]
     assert sorted({row["edits"] for row in last}) == [4, 8, 12]
 
 
@@ -251,7 +251,7 @@ def test_validate_and_test_evaluate_a_patch_without_its_checkpoint(fitted, other
     result = forked_cli(["validate", "--config", other, "--patch", str(patch)], root, env, ok=False)
     assert "base fingerprint" in result.stderr and str(patch) in result.stderr
     result = forked_cli(["validate", "--config", fitted["config"], "--patch", str(root / "missing.safetensors")], root, env, ok=False)
-    assert "patch not found" in result.stderr
+    assert "patch file not found" in result.stderr
     result = forked_cli(["fit", "--config", fitted["config"], "--patch", str(patch)], root, env, ok=False)
     assert "--patch is for validate and test" in result.stderr
 
@@ -260,9 +260,7 @@ def test_validate_on_two_ddp_processes_gives_the_single_process_metrics(fitted, 
     """Evaluation records sharded over 2 CPU processes (gloo); torchmetrics sums the states."""
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
     ckpt = str(run / "checkpoints" / "last.ckpt")
-    cases = run / "cases"
-    for old in cases.glob("final-edited*.jsonl"):
-        old.unlink()
+    cases = run / "cases" / "final-edited"
     shared = REPO.parent / "shared" / "data"
     general = write_config(root / "general.yaml", {"general": {"tasks": [
         {"class_path": "sphere_pl.evaluation.general.NLITask", "init_args": {"path": str(shared / "general" / "test-NLI.tsv"), "limit": 7}},
@@ -271,7 +269,7 @@ def test_validate_on_two_ddp_processes_gives_the_single_process_metrics(fitted, 
     ]}})  # fmt: skip
     forked_cli(["validate", "--config", fitted["config"], "--config", general, "--ckpt_path", ckpt], root, env)
     single = [r for r in latest_csv_rows(run / "csv") if "final/edited/efficacy_score" in r][-1]
-    single_cases = [json.loads(line) for line in (cases / "final-edited.jsonl").read_text().splitlines()]
+    single_cases = [json.loads(line) for line in (cases / "final-000012.jsonl").read_text().splitlines()]
 
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     forked_cli(["validate", "--config", fitted["config"], "--config", general, "--ckpt_path", ckpt, *ddp], root, env)
@@ -285,7 +283,7 @@ def test_validate_on_two_ddp_processes_gives_the_single_process_metrics(fitted, 
         assert double[key] == pytest.approx(single[key], rel=1e-6, abs=1e-9), key
 
     # each process scored its own share of the records, together all of them, once
-    shards = [[json.loads(line) for line in (cases / f"final-edited.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    shards = [[json.loads(line) for line in (cases / f"final-000012.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     ids = [{row["case_id"] for row in shard} for shard in shards]
     assert ids[0] and ids[1] and not ids[0] & ids[1]
     assert ids[0] | ids[1] == {row["case_id"] for row in single_cases}
@@ -300,7 +298,7 @@ def test_resuming_a_finished_run_still_ends_with_its_final_evaluation(fitted, fo
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
     again = root / "resumed-at-end"
     args = ["fit", "--config", fitted["config"], "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
-            "--trainer.default_root_dir", str(again), "--model.cases_dir", str(again / "cases")]  # fmt: skip
+            "--trainer.default_root_dir", str(again)]
     result = forked_cli(args, root, env)
     assert "sphere_pl run summary: 12 edits in 3 batches" in result.stdout
     original = json.loads((run / "summary.json").read_text())["final"]
@@ -338,7 +336,8 @@ def test_checkpoints_with_pickled_code_or_from_another_run_are_refused(fitted, t
     marker = tmp_path / "code-ran"
     crafted = tmp_path / "crafted.ckpt"
     torch.save({"sphere_pl": _RunsCode(marker), "state_dict": {}}, crafted)
-    for command in (["fit", "--config", fitted["config"]], ["export", "--out", str(tmp_path / "p.safetensors")]):
+    elsewhere = ["--trainer.default_root_dir", str(tmp_path / "fresh"), "--checkpoint.dirpath", str(tmp_path / "fresh" / "checkpoints")]
+    for command in (["fit", "--config", fitted["config"], *elsewhere], ["export", "--out", str(tmp_path / "p.safetensors")]):
         result = forked_cli([*command, "--ckpt_path", str(crafted)], root, env, ok=False)
         assert "Unpickl" in result.stderr or "weights_only" in result.stderr
         assert not marker.exists()  # the pickled code never ran

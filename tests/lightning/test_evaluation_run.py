@@ -59,7 +59,7 @@ def run(tiny_model_dir, stats_cache, tmp_path_factory):
     editor = SequentialEditor(
         PretrainedModel(tiny_model_dir),
         method=AlphaEdit(**tiny_method_kwargs(stats_cache)["alphaedit"]),
-        cases_dir=str(root / "cases"),
+        write_cases=True,
     )
     facts = FactMonitor(every_n_batches=1, evaluators=[GenerativeEfficacyEvaluator()])
     general = GeneralAbilityMonitor(tasks(), every_n_batches=2)
@@ -97,13 +97,16 @@ def test_extra_fact_evaluators_and_per_case_files(run):
     assert [r["edits"] for r in rows if "pre_edit/to_edit/generated_efficacy" in r] == [0]
     assert any("final/edited/generated_efficacy" in r for r in rows)
     assert not any("last_batch/generated_efficacy" in r for r in rows)  # the cheap checks only, after every batch
-    cases = run["root"] / "cases"
-    names = sorted(p.name for p in cases.iterdir())
-    assert "edited_so_far-generative_efficacy.jsonl" in names and "general-nli.jsonl" in names
-    nli = [json.loads(line) for line in (cases / "general-nli.jsonl").read_text().splitlines()]
-    assert [r["moment"] for r in nli] == ["pre_edit"] * 3 + ["after_batch"] * 6
+    cases = run["root"] / "cases"  # one file per evaluation: cases/<population>[-<evaluator>]/<moment>-<edits>.jsonl
+    folders = sorted(p.name for p in cases.iterdir())
+    assert "edited_so_far-generative_efficacy" in folders and "general-nli" in folders
+    files = sorted(p.name for p in (cases / "general-nli").iterdir())
+    assert files == ["after_batch-000008.jsonl", "after_batch-000016.jsonl", "pre_edit-000000.jsonl"]  # every 2 of 4 batches
+    nli = {name: [json.loads(line) for line in (cases / "general-nli" / name).read_text().splitlines()] for name in files}
+    assert all(len(rows) == 3 and {r["moment"] for r in rows} == {name.split("-")[0]} for name, rows in nli.items())
+    assert [r["edits"] for r in nli["after_batch-000008.jsonl"]] == [8] * 3
     # the per-case decisions give the logged accuracy (acc leaves invalid answers out)
-    first = [r for r in nli if r["moment"] == "pre_edit"]
+    first = nli["pre_edit-000000.jsonl"]
     valid = [r for r in first if r["prediction"] != -1]
     pre = next(r for r in rows if "pre_edit/general/nli/acc" in r)
     assert pre["pre_edit/general/nli/acc"] == pytest.approx(sum(r["correct"] for r in valid) / len(valid) if valid else 0.0)
@@ -112,7 +115,7 @@ def test_extra_fact_evaluators_and_per_case_files(run):
 def test_he_analysis_spearman_matches_an_independent_rank_computation(run):
     root, rows = run["root"], run["rows"]
     analysis = json.loads((root / "he_analysis.json").read_text())["spearman"]
-    history = run["editor"].recorder.history
+    history = run["editor"].record.history
     metric = "edited_so_far/efficacy_magnitude"
     for layer in ("layer1", "layer2"):
         points = sorted((r["edits"], r[f"he/{layer}"], r[metric]) for r in history if f"he/{layer}" in r and metric in r)

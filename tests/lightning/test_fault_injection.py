@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
+from sphere_pl.files import load_checkpoint_file
 from test_cli_commands import run_config
 
 NUM_EDITS, NUM_BATCHES = 2, 6
@@ -31,7 +31,7 @@ def _fit(argv: list[str], kill_during_write: int | None) -> None:
     os.environ.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     torch.set_num_threads(1)
     if kill_during_write is not None:
-        from sphere_pl.lightning import checkpoint_io
+        from sphere_pl.files import checkpoint as checkpoint_io
 
         real_save, calls = checkpoint_io.save_file, []
 
@@ -44,14 +44,14 @@ def _fit(argv: list[str], kill_during_write: int | None) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         checkpoint_io.save_file = save_then_die
-    from sphere_pl.lightning.cli import main
+    from sphere_pl.commands.cli import main
 
     main(argv)
 
 
 @pytest.fixture(scope="module")
 def fork_server(fork_context):
-    """multiprocessing's forkserver, which preloads sphere_pl.lightning.cli, the modules a fit imports
+    """multiprocessing's forkserver, which preloads sphere_pl.commands, the modules a fit imports
     lazily, and this module (tests/forked_cli.py; one server per pytest process, shared with the CLI tests)."""
     return fork_context
 

@@ -15,47 +15,62 @@ import torch
 
 from forked_cli import RunningCli
 from helpers import cli_env, run_cli
-from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
-from sphere_pl.lightning.guard import CollapseGuard
+from sphere_pl.files import load_checkpoint_file
+from sphere_pl.monitors.guard import CollapseGuard
 from test_cli_commands import NUM_EDITS, run_config, write_config
 
 
+GUARD_CONDITIONS = [{"metric": "guard/he_score/*", "above": 25.0}, {"metric": "guard/norm_growth/*", "above": 0.5},
+                    {"metric": "canary/specificity", "drop_from_start": 0.3}, {"metric": "canary/perplexity", "ratio_to_start_above": 2.0}]
+
+
 def test_signals_score_each_he_step_against_the_median_of_the_steps_before_it():
-    guard = CollapseGuard(enabled=True, he_score=25.0, he_window=3, he_min_history=2, norm_growth=0.5, canary_drop=0.3, perplexity_ratio=2.0)
+    guard = CollapseGuard(enabled=True, conditions=GUARD_CONDITIONS, he_window=3, he_min_history=2)
     he = [1.0, 1.001, 1.003, 1.004, 1.0045, 1.4]  # a steady drift, then a jump
     norms = [10.0, 10.1, 10.2, 10.2, 10.3, 16.0]
-    start = {"he/4": he[0], "norm/4": norms[0], "canary_specificity": 0.8, "perplexity": 20.0}
-    guard.state = {"start": start, "last": dict(start), "steps": {}, "breaches": []}
+    guard.state = {"he": {"layer4": he[0]}, "norm0": {"layer4": norms[0]}, "steps": {}, "breaches": [], "quarantined": []}
+    rows = [{"edits": 0.0, "canary/specificity": 0.8, "canary/perplexity": 20.0}]  # the canaries before editing
     seen = []
     for t in range(1, len(he)):
-        now = {"he/4": he[t], "norm/4": norms[t], "canary_specificity": 0.8 - 0.1 * (t == 5) * 4, "perplexity": 20.0 + 25.0 * (t == 5)}
-        values, breaches, taken = guard.signals(now)
-        guard._keep(now, taken)  # every batch stays applied here
-        seen.append((values, breaches))
+        row, taken = guard.signals({"layer4": he[t]}, {"layer4": norms[t]})
+        row.update({"canary/specificity": 0.8 - 0.1 * (t == 5) * 4, "canary/perplexity": 20.0 + 25.0 * (t == 5)})
+        breaches = guard.rule.reasons(row, rows)
+        guard._keep(taken)  # every batch stays applied here
+        seen.append((row, breaches))
     steps = [abs(b - a) for a, b in zip(he, he[1:])]
-    for t, (values, breaches) in enumerate(seen):
+    for t, (row, breaches) in enumerate(seen):
         if t < 2:  # fewer than he_min_history steps before it: not scored
-            assert "he_score/layer4" not in values and not breaches
+            assert "guard/he_score/layer4" not in row and not breaches
             continue
         expected = steps[t] / statistics.median(steps[max(0, t - 3) : t])
-        assert values["he_score/layer4"] == pytest.approx(expected, rel=1e-12)
-        assert values["norm_growth/layer4"] == pytest.approx(norms[t + 1] / norms[0] - 1, rel=1e-12)
+        assert row["guard/he_score/layer4"] == pytest.approx(expected, rel=1e-12)
+        assert row["guard/norm_growth/layer4"] == pytest.approx(norms[t + 1] / norms[0] - 1, rel=1e-12)
     assert all(not b for _, b in seen[:4])
     last = seen[-1][1]  # the jump breaches every signal
-    assert len(last) == 4 and "layer 4: HE step" in last[0] and "norm grew" in last[1]
-    assert "canary specificity 0.400" in last[2] and "canary perplexity 45.00, 2.25x" in last[3]
+    assert len(last) == 4 and last[0].startswith("guard/he_score/layer4 ") and "> 25.0" in last[0]
+    assert last[1] == "guard/norm_growth/layer4 0.600 > 0.5"
+    assert last[2] == "canary/specificity 0.400, 0.400 under its pre-edit 0.800"
+    assert last[3] == "canary/perplexity 45.000, 2.25x its pre-edit 20.000"
 
 
 @pytest.mark.parametrize("settings, message", [
     ({"action": "undo"}, r"guard.action must be one of \['warn', 'stop', 'rollback'\], got 'undo'"),
-    ({"he_score": -1.0}, r"guard.he_score must be a positive number or null"),
-    ({"perplexity_ratio": 0.5}, r"guard.perplexity_ratio must be above 1"),
-    ({"canaries": -2}, r"guard.canaries must be an integer >= 0"),
+    ({"conditions": [{"metric": "guard/he_score/*", "above": -1.0, "below": 2}]}, r"guard: conditions\[0\] \(guard/he_score/\*\): give exactly one of"),
+    ({"conditions": [{"metric": "canary/perplexity", "ratio_to_start_above": 0.5}]}, r"ratio_to_start_above must be above 1"),
     ({"he_window": 2, "he_min_history": 3}, r"he_min_history \(3\) cannot exceed guard.he_window \(2\)"),
 ])
 def test_settings_out_of_range_are_refused_naming_the_setting(settings, message):
     with pytest.raises(ValueError, match=message):
         CollapseGuard(**settings)
+
+
+def test_a_canary_out_of_range_is_refused_naming_the_setting():
+    from sphere_pl.monitors import PerplexityCanary, SpecificityCanary
+
+    with pytest.raises(ValueError, match=r"canary_specificity.records must be an integer >= 0, got -2"):
+        SpecificityCanary(records=-2)
+    with pytest.raises(ValueError, match=r"canary_perplexity.seq_len must be an integer >= 2, got 1"):
+        PerplexityCanary(path="x.txt", seq_len=1)
 
 
 def _rows(root):
@@ -68,17 +83,18 @@ def _weights(path):
 
 
 # an HE score threshold no step can stay under: the guard breaches on the first scored batch (the 3rd)
-ALWAYS = {"enabled": True, "he_score": 1e-12, "he_min_history": 2, "canaries": 2}
+ALWAYS = {"enabled": True, "conditions": [{"metric": "guard/he_score/*", "above": 1e-12}], "he_min_history": 2}
 
 
 def test_warn_records_the_signals_and_the_breach_and_goes_on(tiny_model_dir, stats_cache, tmp_path):
     root = tmp_path / "run"
     config = run_config(tiny_model_dir, stats_cache, root)
     config["guard"] = {**ALWAYS, "action": "warn"}
+    config["canary_specificity"] = {"records": 2}
     result = run_cli(["fit", "--config", write_config(tmp_path / "run.yaml", config)], tmp_path, cli_env(tmp_path))
-    assert "sphere_pl: guard: batch 2 (case_ids" in result.stdout and "breached: layer" in result.stdout
+    assert "sphere_pl: guard: batch 2 (case_ids" in result.stdout and "breached: guard/he_score/layer" in result.stdout
     rows = _rows(root)
-    assert any(r.get("guard/canary_specificity") for r in rows) and any(r.get("guard/he_score_max") for r in rows)
+    assert any(r.get("canary/specificity") for r in rows) and any(r.get("guard/he_score_max") for r in rows)
     breach = [float(r["guard/breach"]) for r in rows if r.get("guard/breach")]
     assert breach == [0.0, 0.0, 1.0]
     assert load_checkpoint_file(root / "checkpoints" / "last.ckpt")["sphere_pl"]["edits_applied"] == 3 * NUM_EDITS
@@ -149,13 +165,14 @@ def test_rollback_quarantines_the_planted_request_and_ends_as_a_run_without_it(s
         "data": {"source": str(data), "shuffle": False, "num_edits": 4, "dataset_size_limit": 8, "num_holdout": 1, "cache_dir": str(tmp_path / "data-cache")},
         "facts": {"every_n_batches": 0, "last_batch": False, "before_editing": False},
         "checkpoint": {"dirpath": str(root / "checkpoints")},
-        "guard": {"enabled": True, "action": "rollback", "canaries": 1, "canary_drop": 0.5, "he_score": None},
+        "guard": {"enabled": True, "action": "rollback", "conditions": [{"metric": "canary/specificity", "drop_from_start": 0.5}]},
+        "canary_specificity": {"records": 1},
     }
     result = run_cli(["fit", "--config", write_config(tmp_path / "guarded.yaml", config)], tmp_path, cli_env(tmp_path))
-    assert "sphere_pl: guard: batch 1 (case_ids [4, 'planted', 5, 6]) breached: canary specificity 0.000" in result.stdout
+    assert "sphere_pl: guard: batch 1 (case_ids [4, 'planted', 5, 6]) breached: canary/specificity 0.000" in result.stdout
     assert "quarantined case_ids ['planted']" in result.stdout and "batch 0 (" not in result.stdout  # batch 0 passed
     quarantine = [json.loads(line) for line in (root / "quarantine.jsonl").read_text().splitlines()]
-    assert [(q["case_id"], q["batch"]) for q in quarantine] == [("planted", 1)] and "canary specificity" in quarantine[0]["signals"][0]
+    assert [(q["case_id"], q["batch"]) for q in quarantine] == [("planted", 1)] and "canary/specificity" in quarantine[0]["signals"][0]
     state = load_checkpoint_file(root / "checkpoints" / "last.ckpt")["sphere_pl"]
     assert state["case_ids"] == [[0, 1, 2, 3], [4, 5, 6]] and state["withheld"] == [[], ["planted"]]
     assert [float(r["guard/quarantined"]) for r in _rows(root) if r.get("guard/quarantined")] == [1.0]

@@ -1,4 +1,4 @@
-"""Tests for sphere_pl.loggers: online/offline decision and an offline W&B round trip.
+"""The W&B logger's online/offline decision and an offline round trip through its reader (sphere_pl.files.wandb_offline).
 
 Never contacts W&B: credentials are removed from the environment, HOME/netrc and
 every wandb directory point into tmp_path, and runs that are started are offline.
@@ -12,13 +12,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from sphere_pl.lightning.loggers import (
-    AutoWandbLogger,
-    _iter_log_records,
-    decide_wandb_mode,
-    find_offline_runs,
-    read_offline_history,
-)
+from sphere_pl.files.wandb_offline import _iter_log_records, find_offline_runs, read_offline_history
+from sphere_pl.lightning.loggers import AutoWandbLogger, decide_wandb_mode
 
 FAKE_KEY = "a" * 40  # valid format for wandb, never sent anywhere
 

@@ -27,8 +27,8 @@ from conftest import CONTEXT_TEMPLATES, CORPUS
 from helpers import CrashBeforeBatch, SimulatedCrash, cli_env, run_cli
 from sphere_pl import EditCheckpoint, EditDataModule, FactMonitor, HypersphericalEnergyMonitor, PretrainedModel, SequentialEditor
 from sphere_pl.data.readers import EditSourceError
-from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
-from sphere_pl.lightning.loggers import find_offline_runs, read_offline_history
+from sphere_pl.files import load_checkpoint_file
+from sphere_pl.files.wandb_offline import find_offline_runs, read_offline_history
 from sphere_pl.editing import NonFiniteUpdateError
 from sphere_pl.evaluation.counterfact import CounterFactEvaluator
 from sphere_pl.models import load_model_and_tokenizer

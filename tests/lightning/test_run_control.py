@@ -23,7 +23,7 @@ import yaml
 
 from forked_cli import RunningCli, run_cli_forked
 from helpers import cli_env
-from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
+from sphere_pl.files import load_checkpoint_file
 from test_cli_commands import run_config
 
 NUM_EDITS, NUM_BATCHES = 2, 6
@@ -68,7 +68,10 @@ def test_a_second_fit_into_a_directory_in_use_is_refused_and_a_killed_runs_direc
     wait_for(lambda: (tmp_path / "c-ckpt" / ".sphere_pl.lock").exists() and str(killed.process.pid) in (tmp_path / "c-ckpt" / ".sphere_pl.lock").read_text(), "the lock")
     os.kill(killed.process.pid, signal.SIGKILL)
     assert killed.result().returncode == -signal.SIGKILL
-    run_cli_forked(fork_context, ["fit", "--config", write_config(tiny_model_dir, stats_cache, tmp_path / "d", tmp_path / "c-ckpt")], tmp_path, env)
+    last = tmp_path / "c-ckpt" / "last.ckpt"  # a folder holding a run is resumed (a fresh one refused: test_run_folders)
+    resume = ["--ckpt_path", str(last)] if last.exists() else []
+    run_cli_forked(fork_context, ["fit", "--config", write_config(tiny_model_dir, stats_cache, tmp_path / "c", tmp_path / "c-ckpt"), *resume], tmp_path, env)
+    assert load_checkpoint_file(last)["sphere_pl"]["edits_applied"] == NUM_EDITS * NUM_BATCHES
 
 
 def test_sigterm_mid_run_says_how_far_it_got_exits_143_and_the_run_resumes(fork_context, tiny_model_dir, stats_cache, tmp_path):
@@ -91,9 +94,10 @@ def test_sigterm_mid_run_says_how_far_it_got_exits_143_and_the_run_resumes(fork_
     assert load_checkpoint_file(checkpoints / "last.ckpt")["sphere_pl"]["edits_applied"] == NUM_EDITS * NUM_BATCHES
     assert "run summary" in resumed.stdout
     total = NUM_EDITS * NUM_BATCHES
-    bar = resumed.stdout  # Lightning's bars write to stdout
-    assert "editing: 100%" in bar and f"| {total}/{total} [" in bar, bar[-2000:]
-    assert re.search(rf"\| {done}/{total} \[", bar)  # it counted on from where the run stopped
+    lines = [line for line in resumed.stderr.splitlines() if line.startswith("editing: ")]  # a log, not a terminal: a line per batch
+    assert lines[-1].startswith(f"editing: 100% {total}/{total} edits, ") and "s/edit" in lines[-1], resumed.stderr[-2000:]
+    assert lines[0].startswith(f"editing: {100 * (done + NUM_EDITS) // total}% {done + NUM_EDITS}/{total} edits")  # counted on from where it stopped
+    assert len(lines) == (total - done) // NUM_EDITS and "\r" not in resumed.stderr and "\x1b[" not in resumed.stderr
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare")

@@ -16,7 +16,7 @@ import yaml
 from conftest import CORPUS
 from sphere_pl import EditDataModule, PretrainedModel, SequentialEditor
 from sphere_pl.lightning import EditingStrategy
-from sphere_pl.lightning.cli import SphereCLI, TRAINER_DEFAULTS
+from sphere_pl.commands.run import SphereCLI, TRAINER_DEFAULTS
 
 
 class CountingEditor(SequentialEditor):

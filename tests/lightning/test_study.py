@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from helpers import cli_env
-from sphere_pl.lightning.checkpoint_io import load_checkpoint_file
+from sphere_pl.files import load_checkpoint_file
 from test_cli_commands import run_config
 
 NUM_EDITS, NUM_BATCHES = 2, 3
@@ -69,7 +69,7 @@ VARIANTS = [{"name": "alphaedit"}, {"name": "memit", "overrides": {"model.method
 
 
 def test_a_study_runs_each_variant_as_a_fit_and_reports_them_side_by_side(tiny_model_dir, stats_cache, tmp_path):
-    guarded = [VARIANTS[0], {**VARIANTS[1], "overrides": {**VARIANTS[1]["overrides"], "guard": {"enabled": True, "canaries": 1, "canary_drop": None, "he_score": None}}}]
+    guarded = [VARIANTS[0], {**VARIANTS[1], "overrides": {**VARIANTS[1]["overrides"], "guard": {"enabled": True, "conditions": [{"metric": "canary/specificity", "drop_from_start": 2.0}]}, "canary_specificity": {"records": 1}}}]
     path = write_study(tmp_path, tiny_model_dir, stats_cache, guarded,
                        collapse={"conditions": [{"metric": "edited_so_far/efficacy_score", "below": 2.0}], "points_in_a_row": 2})
     result = study(path, tmp_path)
@@ -106,14 +106,14 @@ def test_a_study_runs_each_variant_as_a_fit_and_reports_them_side_by_side(tiny_m
     # the stated rule (an efficacy below 2.0 always holds) makes both collapse at the first of two points in a row
     assert "Collapse rule: edited_so_far/efficacy_score below 2.0, at 2 evaluation point(s) in a row." in report
     assert report.count("| 2 edits (edited_so_far/efficacy_score") == 2
-    assert "< 2.0) | no breach |" in report  # memit ran with the guard (thresholds off: nothing can breach)
+    assert "< 2.0) | no breach |" in report  # memit ran with the guard (a drop of 2 cannot happen: nothing can breach)
     assert report.count("| off |") == 1  # alphaedit ran without the guard
     # seconds per edit, split by hand from each run's phase timer: editing phases, then evaluations/HE/guard
     for name in ("alphaedit", "memit"):
         summary = json.loads((root / name / "summary.json").read_text())
         phases = summary["seconds"]
-        measuring = sum(phases.get(k, 0.0) for k in ("evaluation", "general", "he", "guard"))
-        editing = sum(v for k, v in phases.items() if k not in ("setup", "statistics", "convergence_report", "evaluation", "general", "he", "guard"))
+        measuring = sum(phases.get(k, 0.0) for k in ("evaluation", "general", "he", "canary", "guard"))
+        editing = sum(v for k, v in phases.items() if k not in ("setup", "statistics", "convergence_report", "evaluation", "general", "he", "canary", "guard"))
         assert measuring > 0 and editing > 0 and "keys" in phases
         assert f"| {name} | done | {summary['edits']} | {editing / summary['edits']:.2f} | {measuring / summary['edits']:.2f} |" in report
     # the metric the collapse rule reads, side by side: a row per point, a column per variant, the runs' own values
@@ -196,10 +196,10 @@ def test_a_killed_study_resumes_its_unfinished_variant_exactly_and_skips_the_fin
 def test_a_failing_variant_is_recorded_and_the_others_go_on(tiny_model_dir, stats_cache, tmp_path):
     variants = [{"name": "broken", "overrides": {"model.method.init_args.values.lr": 1e30}}, {"name": "fine"}]
     path = write_study(tmp_path, tiny_model_dir, stats_cache, variants)
-    unknown = study(path, tmp_path, "--variants", "fine", "finee")
+    unknown = study(path, tmp_path, "--only", "fine", "finee")
     assert unknown.returncode == 1 and "no variant named 'finee' (variants: broken, fine)" in unknown.stderr
     assert not (tmp_path / "study").exists()
-    only = study(path, tmp_path, "--variants", "fine")  # a subset: only that one runs
+    only = study(path, tmp_path, "--only", "fine")  # a subset: only that one runs
     assert only.returncode == 0, only.stderr[-3000:]
     assert "broken" not in only.stdout and not (tmp_path / "study" / "broken" / "status.json").exists()
     result = study(path, tmp_path)
@@ -211,7 +211,7 @@ def test_a_failing_variant_is_recorded_and_the_others_go_on(tiny_model_dir, stat
 
 
 def test_a_variant_another_study_process_is_running_is_reported_running_and_left_alone(tiny_model_dir, stats_cache, tmp_path):
-    from sphere_pl.lightning.callbacks import RunLock
+    from sphere_pl.lightning import RunLock
 
     path = write_study(tmp_path, tiny_model_dir, stats_cache, [{"name": "busy"}])
     lock = RunLock.take(tmp_path / "study" / "busy" / "checkpoints")  # as the running fit holds it
@@ -261,7 +261,7 @@ SHIPPED_STUDIES = sorted((Path(__file__).resolve().parents[2] / "benchmarks" / "
 def test_every_shipped_study_config_passes_its_settings_check(path, tmp_path, monkeypatch):
     """The settings check a study runs before any edit, on every study in benchmarks/studies (run from
     the repository root, as their comments say): a variant named `...+sphere...` has the projection, the others none."""
-    from sphere_pl.lightning.study import Study
+    from sphere_pl.commands.study import Study
 
     monkeypatch.chdir(path.parents[2])
     study = Study.load(path)
@@ -276,7 +276,7 @@ def test_every_shipped_study_config_passes_its_settings_check(path, tmp_path, mo
 def _first_variant_prepared(stem: str, tmp_path, monkeypatch):
     """The shipped study `stem`'s first variant prepared in a temporary directory (from the repository
     root, as the study configs' paths are): (study, variant, its config, its recorded fit-config.yaml)."""
-    from sphere_pl.lightning.study import Study
+    from sphere_pl.commands.study import Study
 
     monkeypatch.chdir(SHIPPED_STUDIES[0].parents[2])
     study = Study.load(SHIPPED_STUDIES[[p.stem for p in SHIPPED_STUDIES].index(stem)])
@@ -289,7 +289,7 @@ def _first_variant_prepared(stem: str, tmp_path, monkeypatch):
 def test_a_run_recorded_before_a_setting_existed_resumes_and_a_changed_zsre_convention_is_refused(tmp_path, monkeypatch):
     """A setting sphere_pl added after a variant's run began is taken as the config gives it (and said);
     a ZsRE run recorded before `data.zsre_target` existed taught `alt`, so it does not resume under `answer`."""
-    from sphere_pl.lightning.study import StudyConfigError
+    from sphere_pl.commands.study import StudyConfigError
 
     study, answer, config, recorded = _first_variant_prepared("zsre_targets", tmp_path, monkeypatch)
     old = yaml.safe_load(recorded.read_text())
@@ -305,7 +305,7 @@ def test_a_run_recorded_before_a_setting_existed_resumes_and_a_changed_zsre_conv
 def test_a_run_recorded_before_the_model_section_resumes_and_one_of_another_model_is_refused(tmp_path, monkeypatch):
     """Runs recorded when the loading settings were SequentialEditor's own (`model.model_name_or_path`,
     `model.dtype`) resume under `model.model`; the old layout naming another dtype is still another run."""
-    from sphere_pl.lightning.study import StudyConfigError
+    from sphere_pl.commands.study import StudyConfigError
 
     study, variant, config, recorded = _first_variant_prepared("long_horizon", tmp_path, monkeypatch)
     old = yaml.safe_load(recorded.read_text())
@@ -325,8 +325,8 @@ def test_the_pooled_correlations_rank_every_variants_points_together():
     (checked against a by-hand rank correlation)."""
     from types import SimpleNamespace
 
-    from sphere_pl.lightning.collapse import CollapseRule
-    from sphere_pl.lightning.study import _pooled_correlations
+    from sphere_pl.monitors.rules import CollapseRule
+    from sphere_pl.commands.study.report import _pooled_correlations
 
     torch.manual_seed(0)
     def points(scale):

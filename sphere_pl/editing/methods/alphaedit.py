@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from ...errors import SettingsError
 from ..keys import GENERATION_PREFIXES
 from ..lm import LoadedModel
 from ...models import linear_weight
@@ -79,12 +80,12 @@ class AlphaEdit(LocateThenEdit):
     ):
         super().__init__(layers, values, stats, context_templates, context_prefixes, context_length, context_seed)
         if not nullspace_threshold > 0:
-            raise ValueError(
+            raise SettingsError(
                 f"nullspace_threshold = {nullspace_threshold} leaves an empty null space: every update would be zero; "
                 "it must be > 0 (the paper: 2e-2)"
             )
         if not L2 >= 0:
-            raise ValueError(f"L2 = {L2} must be >= 0")
+            raise SettingsError(f"L2 = {L2} must be >= 0")
         self.nullspace_threshold = nullspace_threshold
         self.L2 = L2
         self.projectors_file = projectors_file
@@ -131,7 +132,7 @@ class AlphaEdit(LocateThenEdit):
                 projectors[i] = nullspace_projector(moments.pop(layer).to(lm.device), self.nullspace_threshold)
         empty = [layer for layer, p in zip(self.layers, projectors) if not bool(p.any())]
         if empty:
-            raise ValueError(
+            raise SettingsError(
                 f"no singular value of C0 lies below nullspace_threshold = {self.nullspace_threshold} at layer(s) {empty}: "
                 "the null space is empty and every update would be zero; raise nullspace_threshold"
             )
@@ -189,20 +190,20 @@ def read_projectors_file(path: str, num_layers: int, d_in: int) -> torch.Tensor:
     """The official code's `null_space_project.pt` (a plain tensor), checked against the edited layers."""
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
-        raise ValueError(f"projectors_file {path} does not exist")
+        raise SettingsError(f"projectors_file {path} does not exist")
     try:
         projectors = torch.load(path, map_location="cpu", weights_only=True)  # a tensor: no pickled code runs
     except Exception as e:
-        raise ValueError(f"projectors_file {path} is not a readable tensor file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise SettingsError(f"projectors_file {path} is not a readable tensor file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(projectors, torch.Tensor) or not projectors.is_floating_point():
-        raise ValueError(f"projectors_file {path} holds a {type(projectors).__name__}, not a floating-point tensor of projectors")
+        raise SettingsError(f"projectors_file {path} holds a {type(projectors).__name__}, not a floating-point tensor of projectors")
     if tuple(projectors.shape) != (num_layers, d_in, d_in):
-        raise ValueError(
+        raise SettingsError(
             f"projectors_file {path} has shape {tuple(projectors.shape)}, but {num_layers} edited layer(s) with {d_in} inputs "
             f"need ({num_layers}, {d_in}, {d_in}): it was made for other layers or another model"
         )
     if not bool(torch.isfinite(projectors).all()):
-        raise ValueError(f"projectors_file {path} holds non-finite values")
+        raise SettingsError(f"projectors_file {path} holds non-finite values")
     return projectors.float()
 
 

@@ -25,7 +25,9 @@ from ..lm import LoadedModel
 from ..stats import KeyStatistics, second_moments
 from ..value_memory import GB, MemoryBudget
 from ..values import ValueOptimization, check_value_memory, optimize_values, prepare_value_search
-from ..writer import DeltaFilter, WeightWriter
+from ...errors import SettingsError
+from ...filters import DeltaFilter
+from ..writer import WeightWriter
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +79,12 @@ class EditMethod(nn.Module):
         super().__init__()
         layers = list(layers)
         if not layers:
-            raise ValueError("an editing method needs at least one layer to edit (layers is empty)")
+            raise SettingsError("an editing method needs at least one layer to edit (layers is empty)")
         duplicates = sorted({layer for layer in layers if layers.count(layer) > 1})
         if duplicates:
-            raise ValueError(f"layers lists layer(s) {duplicates} more than once: {layers}")
+            raise SettingsError(f"layers lists layer(s) {duplicates} more than once: {layers}")
         if any(not isinstance(layer, int) or layer < 0 for layer in layers):
-            raise ValueError(f"layers must be non-negative layer indices, got {layers}")
+            raise SettingsError(f"layers must be non-negative layer indices, got {layers}")
         self.layers = layers
 
     def edited_modules(self, templates) -> list[str]:
@@ -92,7 +94,7 @@ class EditMethod(nn.Module):
         num_layers = len(lm.model.get_submodule(lm.templates.layers))
         too_high = [layer for layer in self.layers if layer >= num_layers]
         if too_high:
-            raise ValueError(f"layers {too_high} do not exist: the model has {num_layers} layers (0..{num_layers - 1})")
+            raise SettingsError(f"layers {too_high} do not exist: the model has {num_layers} layers (0..{num_layers - 1})")
 
     def edit(self, lm: LoadedModel, requests: list[EditRequest], writer: WeightWriter) -> BatchEdit:
         raise NotImplementedError
@@ -137,7 +139,7 @@ def single_layer(method: EditMethod, layer: int, layers: list[int] | None) -> in
         return layer
     layers = list(layers)
     if len(layers) != 1:
-        raise ValueError(
+        raise SettingsError(
             f"{type(method).__name__} edits exactly one layer: give `layer: <index>`, got layers {layers} "
             "(MEMIT, AlphaEdit, RECT and PRUNE take several)"
         )
@@ -170,7 +172,7 @@ def create_method(method: str | EditMethod, **kwargs) -> EditMethod:
         return method
     key = str(method).strip().lower()
     if key not in METHODS:
-        raise ValueError(f"unknown editing method {method!r}; known methods: {sorted(METHODS)}")
+        raise SettingsError(f"unknown editing method {method!r}; known methods: {sorted(METHODS)}")
     return METHODS[key](**kwargs)
 
 
@@ -217,7 +219,7 @@ class LocateThenEdit(EditMethod):
         if context_templates is not None:
             bad = [t for t in context_templates if t.count("{}") != 1]
             if bad:
-                raise ValueError(f"context_templates must each contain '{{}}' exactly once: {bad}")
+                raise SettingsError(f"context_templates must each contain '{{}}' exactly once: {bad}")
         self.context_groups = [["{}"], list(context_templates)] if context_templates else None
         self.value_budget: MemoryBudget | None = None  # what `auto` value-search settings plan with (set-up)
         self._last_plan = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import SettingsError
 from ...data.records import EditRequest
 from ...models import linear_weight
 from ...tracing import pad_id_lists
@@ -58,13 +59,13 @@ class FineTune(EditMethod):
     ):
         super().__init__([single_layer(self, layer, layers)])
         if not (isinstance(num_steps, int) and num_steps >= 1):
-            raise ValueError(f"num_steps = {num_steps!r} must be an integer >= 1: the edit would change nothing")
+            raise SettingsError(f"num_steps = {num_steps!r} must be an integer >= 1: the edit would change nothing")
         if not lr > 0:
-            raise ValueError(f"lr = {lr} must be > 0: the edit would change nothing")
+            raise SettingsError(f"lr = {lr} must be > 0: the edit would change nothing")
         if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
-            raise ValueError(f"batch_size = {batch_size!r} must be an integer >= 1")
+            raise SettingsError(f"batch_size = {batch_size!r} must be an integer >= 1")
         if norm_constraint is not None and not norm_constraint > 0:
-            raise ValueError(f"norm_constraint = {norm_constraint} must be > 0 (or None for no bound)")
+            raise SettingsError(f"norm_constraint = {norm_constraint} must be > 0 (or None for no bound)")
         self.num_steps, self.lr, self.weight_decay = num_steps, lr, weight_decay
         self.norm_constraint = norm_constraint
         self.early_stop_loss = early_stop_loss

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import SettingsError
 from ..keys import GENERATION_PREFIXES
 from ..lm import LoadedModel
 from ..stats import KeyStatistics
@@ -48,7 +49,7 @@ class MEMIT(LocateThenEdit):
     ):
         super().__init__(layers, values, stats, context_templates, context_prefixes, context_length, context_seed)
         if not mom2_update_weight > 0:
-            raise ValueError(f"mom2_update_weight = {mom2_update_weight} must be > 0 (the paper: 15000)")
+            raise SettingsError(f"mom2_update_weight = {mom2_update_weight} must be > 0 (the paper: 15000)")
         self.mom2_update_weight = mom2_update_weight
 
     def settings(self) -> dict:

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ...errors import SettingsError
 from ...data.records import EditRequest
 from ...models import linear_weight
 from ..lm import LoadedModel
@@ -68,7 +69,7 @@ class PRUNE(MEMIT):
     def __init__(self, restrain: str = "evaluation", **memit_args):
         super().__init__(**memit_args)
         if restrain not in RESTRAIN:
-            raise ValueError(f"restrain must be one of {RESTRAIN}, got {restrain!r}")
+            raise SettingsError(f"restrain must be one of {RESTRAIN}, got {restrain!r}")
         self.restrain = restrain
 
     def settings(self) -> dict:

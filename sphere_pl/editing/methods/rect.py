@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..writer import DeltaFilter
+from ...errors import SettingsError
+from ...filters import DeltaFilter
 from .base import register_method
 from .memit import MEMIT
 
@@ -23,7 +24,7 @@ class RelativeChangeSparsifier(DeltaFilter):
     def __init__(self, keep_ratio: float = 0.4, eps: float = 1e-8):
         super().__init__()
         if not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
+            raise SettingsError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
         self.keep_ratio = keep_ratio
         self.eps = eps
 

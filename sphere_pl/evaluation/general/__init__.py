@@ -6,6 +6,7 @@ torchmetrics values (`compute`). `create_task("nli", path=...)` builds one by na
 
 from __future__ import annotations
 
+from ...errors import SettingsError
 from .closed_qa import ClosedQATask
 from .common import INVALID, BinaryItem, answer_after, classify_answer
 from .fluency_task import FluencyTask
@@ -27,7 +28,7 @@ GENERAL_TASKS: dict[str, type] = {
 def create_task(name: str, **kwargs):
     """The task registered as `name`, built with `kwargs` (its constructor's arguments)."""
     if name not in GENERAL_TASKS:
-        raise ValueError(f"unknown general task {name!r}; valid names: {sorted(GENERAL_TASKS)}")
+        raise SettingsError(f"unknown general task {name!r}; valid names: {sorted(GENERAL_TASKS)}")
     return GENERAL_TASKS[name](**kwargs)
 
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassF1Score, MulticlassMatthewsCorrCoef
 
+from ...errors import SettingsError
 from ..base import EvalDataError, Evaluator, check_on_bad_record
 from ..generation import continuation_text, generate_continuations, greedy_is_argmax
 from ..scoring import score_targets
@@ -134,9 +135,9 @@ class FileTask(Evaluator):
 
     def __init__(self, path: str | os.PathLike, limit: int | None, batch_size: int, on_bad_record: str = "fatal"):
         if limit is not None and (not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"limit must be a positive int or None (every record), got {limit!r}")
+            raise SettingsError(f"limit must be a positive int or None (every record), got {limit!r}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise SettingsError(f"batch_size must be positive, got {batch_size}")
         self.path = os.fspath(path)
         self.limit = limit
         self.batch_size = batch_size

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from ...errors import SettingsError
 from ...data.readers import load_edit_requests
 from ...data.records import EditRequest
 from ..base import EvalDataError, Evaluator
@@ -31,7 +32,7 @@ class FluencyTask(Evaluator):
 
     def __init__(self, path: str, start: int = -50, limit: int = 50, max_new_tokens: int = 50, batch_size: int = 25):
         if limit < 1:
-            raise ValueError(f"FluencyTask limit must be positive, got {limit}")
+            raise SettingsError(f"FluencyTask limit must be positive, got {limit}")
         self.path, self.start, self.limit = path, start, limit
         self.skipped: list[EvalDataError] = []
         self.generation = GenerationQualityEvaluator(max_new_tokens=max_new_tokens, batch_size=batch_size, prompts_per_record=1)

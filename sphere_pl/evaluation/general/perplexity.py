@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
+from ...errors import SettingsError
 from ..base import EvalDataError, Evaluator
 from ..scoring import _lm_head_logits
 
@@ -71,11 +72,11 @@ class PerplexityTask(Evaluator):
 
     def __init__(self, path: str, max_windows: int | None = 50, seq_len: int = 512, batch_size: int = 4):
         if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
-            raise ValueError(f"max_windows must be a positive int or None (every window), got {max_windows!r}")
+            raise SettingsError(f"max_windows must be a positive int or None (every window), got {max_windows!r}")
         if seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2 (one token predicts the next), got {seq_len}")
+            raise SettingsError(f"seq_len must be at least 2 (one token predicts the next), got {seq_len}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise SettingsError(f"batch_size must be positive, got {batch_size}")
         self.path = os.fspath(path)
         self.max_windows, self.seq_len, self.batch_size = max_windows, seq_len, batch_size
         self.skipped: list[EvalDataError] = []  # nothing is ever skipped; kept for a uniform interface

@@ -1,26 +1,25 @@
 """At the end of `fit`: how HE moved with every editing metric (Spearman, the paper's Figures 2
 and 3), plots of HE and the metrics against edits, and neuron cosine-similarity maps of each
-edited weight before and after editing. Written to the run directory and logged."""
+edited weight before and after editing. Written to the run directory through the run record, and
+logged."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..evaluation import protocol
+from ..lightning.record import HE_ANALYSIS
 from ..sphere.analysis import he_metric_correlations, neuron_cosines
+from . import protocol
 
 DEFAULT_METRICS = (protocol.EDITED_SO_FAR, protocol.NEVER_EDITED, protocol.LAST_BATCH, protocol.GENERAL)
 
 
 class HEAnalysis(L.Callback):
-    """Args:
-    dirpath: where `he_analysis.json`, `he_curves.png` and `neuron_cosines_<layer>.png` go
-        (default: the trainer's `default_root_dir`).
+    """Writes `he_analysis.json`, `he_curves.png` and `neuron_cosines_<layer>.png` into the run directory.
+
+    Args:
     metric_prefixes: which logged metrics are correlated with HE.
     max_neurons: neurons shown in the cosine maps (evenly spaced rows beyond that).
     plots: write the PNG files (matplotlib).
@@ -29,8 +28,7 @@ class HEAnalysis(L.Callback):
     per layer), so a resumed run still shows "before".
     """
 
-    def __init__(self, dirpath: str | None = None, metric_prefixes: list[str] | None = None, max_neurons: int = 256, plots: bool = True):
-        self.dirpath = dirpath
+    def __init__(self, metric_prefixes: list[str] | None = None, max_neurons: int = 256, plots: bool = True):
         self.metric_prefixes = tuple(metric_prefixes) if metric_prefixes is not None else DEFAULT_METRICS
         self.max_neurons = max_neurons
         self.plots = plots
@@ -45,27 +43,23 @@ class HEAnalysis(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
-        rows = [dict(row) for row in pl_module.recorder.history]
+        record = pl_module.record
+        rows = [dict(row) for row in record.history]
         correlations = he_metric_correlations(rows, "he/", self.metric_prefixes)
-        directory = Path(self.dirpath or trainer.default_root_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "he_analysis.json").write_text(json.dumps({"spearman": correlations}, indent=2))
-        flat = {
+        record.write_json(HE_ANALYSIS, {"spearman": correlations})
+        record.log({
             f"he_analysis/{kind}/{layer}/{metric}": value[kind]
             for layer, by_metric in correlations.items()
             for metric, value in by_metric.items()
             for kind in ("level", "change")
             if value[kind] is not None
-        }
-        for logger in trainer.loggers:
-            if flat:
-                logger.log_metrics(flat, step=max(pl_module.editor.batches_done - 1, 0))
+        })
         if self.plots:
             after = self._cosines(pl_module)
-            plot_curves(rows, self.metric_prefixes, directory / "he_curves.png")
+            record.write_figure("he_curves.png", plot_curves(rows, self.metric_prefixes))
             for layer, cos_after in after.items():
                 if layer in self.before:
-                    plot_cosines(self.before[layer], cos_after, layer, directory / f"neuron_cosines_{layer}.png")
+                    record.write_figure(f"neuron_cosines_{layer}.png", plot_cosines(self.before[layer], cos_after, layer))
 
     def state_dict(self) -> dict:
         return {"before": dict(self.before)}
@@ -74,8 +68,8 @@ class HEAnalysis(L.Callback):
         self.before = dict(state_dict["before"])
 
 
-def plot_curves(rows: list[dict], metric_prefixes, path: Path) -> None:
-    """Two panels against edits: relative HE change per layer, and the editing metrics."""
+def plot_curves(rows: list[dict], metric_prefixes):
+    """Two panels against edits: relative HE change per layer, and the editing metrics (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,12 +88,13 @@ def plot_curves(rows: list[dict], metric_prefixes, path: Path) -> None:
     bottom.set_ylabel("metric")
     bottom.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.set_dpi(110)
     plt.close(fig)
+    return fig
 
 
-def plot_cosines(before: torch.Tensor, after: torch.Tensor, layer: str, path: Path) -> None:
-    """Neuron cosine-similarity maps before and after editing, and their difference."""
+def plot_cosines(before: torch.Tensor, after: torch.Tensor, layer: str):
+    """Neuron cosine-similarity maps before and after editing, and their difference (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,5 +110,6 @@ def plot_cosines(before: torch.Tensor, after: torch.Tensor, layer: str, path: Pa
     image = axes[2].imshow(diff, vmin=-bound, vmax=bound, cmap="coolwarm")
     axes[2].set_title("after − before")
     fig.colorbar(image, ax=axes[2], shrink=0.8)
-    fig.savefig(path, dpi=100)
+    fig.set_dpi(100)
     plt.close(fig)
+    return fig

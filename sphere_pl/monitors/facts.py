@@ -1,18 +1,17 @@
 """`FactMonitor`: the edit facts scored during and after a run, population by population.
 
-Which facts and when (`sphere_pl.evaluation.protocol` names the prefixes):
+Which facts and when (`protocol.py` names the prefixes):
 
 * `pre_edit/to_edit/`: the facts that will be edited (the same sample as below), before the first
   edit, with `never_edited/` at 0 edits;
-* `last_batch/`: the batch just edited, right after its edit;
+* `last_batch/`: the batch just edited, right after its edit (its applied requests);
 * `edited_so_far/`: the facts edited so far, or a fixed sample of `sample_size`, and
-  `never_edited/`: the datamodule's held-out facts, at the evaluation points (`every_n_batches`
-  batches, or the first batch that reaches each of `at_edits`);
-* `final/edited/` (end of `fit`, `validate`) and `final/never_edited/` (`test`): every edited or
-  held-out fact, in Lightning's validation and test loops.
+  `never_edited/`: the datamodule's held-out facts, at the evaluation points (`schedule.py`);
+* `final/edited/` (end of `fit`, `validate`) and `final/never_edited/` (`test`), in Lightning's
+  validation and test loops.
 
-The edited facts come from the datamodule (`edited_requests`, derived from the editor's batch
-position), and every value goes through the module's `RunRecorder`.
+Which facts are edited is the editor's to say (the outcome of each batch, the case_ids it holds),
+and every value goes through the module's `RunRecord`.
 """
 
 from __future__ import annotations
@@ -23,9 +22,11 @@ import lightning as L
 import torch
 
 from ..data.records import EditRequest
-from ..evaluation import protocol
 from ..evaluation.base import Evaluator
+from ..errors import SettingsError
 from ..evaluation.facts import FactEvaluator
+from . import protocol
+from .schedule import Schedule
 
 
 class FactMonitor(L.Callback):
@@ -53,14 +54,9 @@ class FactMonitor(L.Callback):
         before_editing: bool = True,
         evaluators: list[Evaluator] | None = None,
     ):
-        if every_n_batches < 0:
-            raise ValueError(f"facts.every_n_batches must be >= 0, got {every_n_batches}")
-        if at_edits is not None and (not at_edits or any(not isinstance(n, int) or n < 1 for n in at_edits)):
-            raise ValueError(f"facts.at_edits must list positive edit counts, got {at_edits}")
+        self.schedule = Schedule(every_n_batches, at_edits, "facts")
         if sample_size is not None and sample_size < 1:
-            raise ValueError(f"facts.sample_size must be >= 1 (or null: every fact), got {sample_size}")
-        self.every_n_batches = every_n_batches
-        self.at_edits = sorted(set(at_edits)) if at_edits is not None else None
+            raise SettingsError(f"facts.sample_size must be >= 1 (or null: every fact), got {sample_size}")
         self.sample_size = sample_size
         self.seed = seed
         self.last_batch = last_batch
@@ -73,41 +69,44 @@ class FactMonitor(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.final_evaluators = [FactEvaluator("", pl_module.editor.scoring_batch_size), *self.evaluators]
 
+    def metric_names(self, trainer, pl_module) -> set[str]:
+        datamodule = trainer.datamodule
+        records = list(getattr(datamodule, "edit_requests", [])) + list(getattr(datamodule, "holdout_requests", []))
+        facts = FactEvaluator("").metric_names({r.benchmark for r in records})
+        extras = [name for evaluator in self.evaluators for name in evaluator.metric_names()]
+        prefixes = {protocol.PRE_EDIT: self.before_editing, protocol.LAST_BATCH: self.last_batch,
+                    protocol.EDITED_SO_FAR: True, protocol.NEVER_EDITED: bool(getattr(datamodule, "holdout_requests", None))}
+        names = {prefix + name for prefix, on in prefixes.items() if on for name in facts}
+        names |= {prefix + name for prefix in (protocol.PRE_EDIT, protocol.EDITED_SO_FAR) for name in extras}
+        return names
+
     def on_fit_start(self, trainer, pl_module) -> None:
-        to_edit = _datamodule_requests(trainer)
+        datamodule = trainer.datamodule
+        to_edit = list(getattr(datamodule, "edit_requests", []))
         if self.before_editing and pl_module.editor.batches_done == 0 and to_edit:
             with pl_module.editor.timer("evaluation"):
                 values = self.score(pl_module, self.sample(to_edit), protocol.PRE_EDIT, "pre_edit", extras=True)
-                holdout = getattr(trainer.datamodule, "holdout_requests", [])
+                holdout = getattr(datamodule, "holdout_requests", [])
                 if holdout:  # the never-edited facts' starting point, for their curve and a collapse rule
                     values.update(self.score(pl_module, holdout, protocol.NEVER_EDITED, "pre_edit"))
-            pl_module.recorder.record(values)
+            pl_module.record.record(values)
 
     # ----------------------------------------------------------- during fit
-    def is_evaluation_point(self, edits_before: int, edits_after: int, batches_done: int) -> bool:
-        """Whether the facts are scored after the batch that took the edits from `edits_before` to `edits_after`."""
-        if self.at_edits is not None:
-            return any(edits_before < n <= edits_after for n in self.at_edits)
-        return bool(self.every_n_batches) and batches_done % self.every_n_batches == 0
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         editor = pl_module.editor
         values = {}
         with editor.timer("evaluation"):
-            if editor.batches_done != batch.index + 1:
-                applied = []  # the batch was reverted (the collapse guard's stop)
-            else:  # what of the batch was applied (the collapse guard may have quarantined some of it)
-                kept = set(editor.case_ids[-1])
-                applied = [r for r in batch.requests if r.case_id in kept]
-            if self.last_batch and applied:
-                values.update(self.score(pl_module, applied, protocol.LAST_BATCH, "after_batch"))
-            if self.is_evaluation_point(editor.edits_applied - len(applied), editor.edits_applied, editor.batches_done):
+            applied = set(editor.outcome.applied)  # none of a reverted batch, not a quarantined request
+            requests = [r for r in batch.requests if r.case_id in applied]
+            if self.last_batch and requests:
+                values.update(self.score(pl_module, requests, protocol.LAST_BATCH, "after_batch"))
+            if self.schedule.due_after(editor):
                 values.update(self.evaluate_progress(trainer, pl_module))
-        pl_module.recorder.record(values)
+        pl_module.record.record(values)
 
     def evaluate_progress(self, trainer, pl_module) -> dict[str, float]:
         """Metrics on (a fixed sample of) the facts edited so far and on the never-edited facts."""
-        applied = {case_id for ids in pl_module.editor.case_ids for case_id in ids}  # without quarantined records
+        applied = set(pl_module.edited_case_ids())
         edited = [r for r in trainer.datamodule.edited_requests(pl_module.editor.batches_done) if r.case_id in applied]
         values = self.score(pl_module, self.sample(edited), protocol.EDITED_SO_FAR, "after_batch", extras=True)
         holdout = getattr(trainer.datamodule, "holdout_requests", [])
@@ -117,15 +116,15 @@ class FactMonitor(L.Callback):
 
     def score(self, pl_module, requests: list[EditRequest], prefix: str, moment: str, extras: bool = False) -> dict[str, float]:
         """Metrics of `requests` under `prefix` (with `extras`: also the extra evaluators'); per-case
-        rows go to the recorder."""
-        editor, recorder = pl_module.editor, pl_module.recorder
+        rows go to the record."""
+        editor, record = pl_module.editor, pl_module.record
         values, rows = editor.evaluate_cases(requests, prefix=prefix)
-        recorder.write_cases(prefix, "", rows, moment)
+        record.write_cases(prefix, "", rows, moment)
         for evaluator in self.evaluators if extras else []:
             with editor.evaluation_weights():
                 extra, rows = evaluator.evaluate_cases(editor.model, editor.tokenizer, requests)
             values.update({prefix + k: float(v) for k, v in extra.items() if not torch.isnan(v)})
-            recorder.write_cases(prefix, evaluator.name, rows, moment)
+            record.write_cases(prefix, evaluator.name, rows, moment)
         return values
 
     def sample(self, requests: list[EditRequest]) -> list[EditRequest]:
@@ -147,38 +146,36 @@ class FactMonitor(L.Callback):
         self._score_final_batch(pl_module, batch)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        pl_module.recorder.record_final(pl_module, self._final_values(pl_module, protocol.FINAL_EDITED))
+        pl_module.record.record_final(pl_module, self._final_values(pl_module, protocol.FINAL_EDITED))
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        pl_module.recorder.record_final(pl_module, self._final_values(pl_module, protocol.FINAL_NEVER_EDITED))
+        pl_module.record.record_final(pl_module, self._final_values(pl_module, protocol.FINAL_NEVER_EDITED))
 
-    def evaluate_final(self, trainer, pl_module) -> dict[str, float]:
-        """The end-of-fit scoring of every edited fact, run directly: a run resumed from the checkpoint
-        of its last batch has no edits left, and Lightning then skips the loop and its validation."""
-        for batch in trainer.datamodule.val_dataloader():
-            self._score_final_batch(pl_module, batch)
-        values = self._final_values(pl_module, protocol.FINAL_EDITED)
-        pl_module.recorder.record_outside_a_loop(values)
-        return values
+    def on_fit_end(self, trainer, pl_module) -> None:
+        """The end-of-fit scoring of every edited fact, run directly where Lightning skipped its loop: a run
+        resumed from the checkpoint of its last batch has no edits left, and Lightning then runs no validation."""
+        scored = any(k.startswith(protocol.FINAL_EDITED) for k in pl_module.record.final)
+        if scored or trainer.limit_val_batches == 0 or not pl_module.editor.batches_done:
+            return
+        with pl_module.editor.timer("evaluation"):
+            for batch in trainer.datamodule.val_dataloader():
+                self._score_final_batch(pl_module, batch)
+            values = self._final_values(pl_module, protocol.FINAL_EDITED)
+        pl_module.record.record_final_outside_a_loop(values)
 
     def _score_final_batch(self, pl_module, batch: list[EditRequest]) -> None:
         editor = pl_module.editor
-        with editor.evaluation_weights():
+        with editor.timer("evaluation"), editor.evaluation_weights():
             for evaluator in self.final_evaluators:
                 rows = evaluator.update(editor.model, editor.tokenizer, batch)
                 self.final_rows.setdefault(evaluator.name, []).extend(rows)
 
     def _final_values(self, pl_module, prefix: str) -> dict[str, float]:
-        values = {"edits": float(pl_module.editor.edits_applied)}
+        values = {}
         for evaluator in self.final_evaluators:
             values.update({prefix + k: float(v) for k, v in evaluator.compute().items() if not v.isnan()})
             evaluator.reset()
             name = "" if isinstance(evaluator, FactEvaluator) else evaluator.name
-            pl_module.recorder.write_cases(prefix, name, self.final_rows.get(evaluator.name, []), "final", sharded=True)
+            pl_module.record.write_cases(prefix, name, self.final_rows.get(evaluator.name, []), "final", sharded=True)
         self.final_rows = {}
         return values
-
-
-def _datamodule_requests(trainer) -> list[EditRequest]:
-    datamodule = getattr(trainer, "datamodule", None)
-    return list(datamodule.edit_requests) if datamodule is not None and hasattr(datamodule, "edit_requests") else []

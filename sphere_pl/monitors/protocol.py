@@ -1,4 +1,4 @@
-"""Which facts are evaluated when, and the metric-name prefixes that say so.
+"""The run's metric names: which facts are evaluated when, and the prefixes that say so.
 
 Every logged metric name starts with its population and moment, so a curve can never be
 mistaken for another (after-each-batch vs after-all-edits, edited vs never-edited facts):
@@ -15,6 +15,8 @@ prefix                     population                                      momen
 ``pre_edit/general/``      general-ability tasks and perplexity            before the first edit
 ``general/``               general-ability tasks and perplexity            every ``every_n_batches`` batches
 ``final/general/``         general-ability tasks and perplexity            ``validate`` / ``test`` of an edited model
+``canary/``                perplexity windows, never-edited facts          before editing, every ``every_n_batches`` batches
+``guard/``                 the collapse guard's signals and breaches      after every batch (when the guard is on)
 =========================  =============================================  ==========================
 
 The README maps the metric names that follow the prefix to the paper's and EasyEdit's names.
@@ -29,6 +31,8 @@ FINAL_NEVER_EDITED = "final/never_edited/"
 PRE_EDIT_GENERAL = "pre_edit/general/"
 GENERAL = "general/"
 FINAL_GENERAL = "final/general/"
+CANARY = "canary/"
+GUARD = "guard/"
 
 #: prefixes of metrics measured on edit facts, in the order a summary lists them
 FACT_PREFIXES = (PRE_EDIT, LAST_BATCH, EDITED_SO_FAR, NEVER_EDITED, FINAL_EDITED, FINAL_NEVER_EDITED)
