@@ -156,6 +156,9 @@ class SequentialEditor(L.LightningModule):
         facts must be among the data's edit records, and none of them among the held-out ones."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         edited = self.edited_case_ids()
+        if not edited and self._trainer is not None and self.trainer.state.fn == "validate" and self.trainer.is_global_zero:
+            print("sphere_pl: validate: no edits are in the weights (give --ckpt_path or --patch): there are no edited facts to score",
+                  flush=True)
         if datamodule is None or not edited or not hasattr(datamodule, "edit_requests"):
             return
         unknown = [c for c in edited if c not in {r.case_id for r in datamodule.edit_requests}]

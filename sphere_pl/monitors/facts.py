@@ -7,8 +7,9 @@ Which facts and when (`protocol.py` names the prefixes):
 * `last_batch/`: the batch just edited, right after its edit (its applied requests);
 * `edited_so_far/`: the facts edited so far, or a fixed sample of `sample_size`, and
   `never_edited/`: the datamodule's held-out facts, at the evaluation points (`schedule.py`);
-* `final/edited/` (end of `fit`, `validate`) and `final/never_edited/` (`test`), in Lightning's
-  validation and test loops.
+* `final/edited/` (end of `fit`, `validate`): every fact whose edit is in the weights (applied, not
+  reverted or quarantined; with `--patch`, the patch's), and `final/never_edited/` (`test`): the
+  held-out facts, in Lightning's validation and test loops (timed as evaluation).
 
 Which facts are edited is the editor's to say (the outcome of each batch, the case_ids it holds),
 and every value goes through the module's `RunRecord`.
@@ -140,7 +141,7 @@ class FactMonitor(L.Callback):
 
     # ----------------------------------------------------- after the edits
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._score_final_batch(pl_module, batch)
+        self._score_final_batch(pl_module, self._in_the_weights(pl_module, batch))
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._score_final_batch(pl_module, batch)
@@ -159,11 +160,20 @@ class FactMonitor(L.Callback):
             return
         with pl_module.editor.timer("evaluation"):
             for batch in trainer.datamodule.val_dataloader():
-                self._score_final_batch(pl_module, batch)
+                self._score_final_batch(pl_module, self._in_the_weights(pl_module, batch))
             values = self._final_values(pl_module, protocol.FINAL_EDITED)
         pl_module.record.record_final_outside_a_loop(values)
 
+    @staticmethod
+    def _in_the_weights(pl_module, batch: list[EditRequest]) -> list[EditRequest]:
+        """The facts of a batch of the edit set whose edits are in the weights: `final/edited/` scores these
+        only (a run stopped early, a reverted batch or a quarantined request leaves the others unedited)."""
+        edited = set(pl_module.edited_case_ids())
+        return [r for r in batch if r.case_id in edited]
+
     def _score_final_batch(self, pl_module, batch: list[EditRequest]) -> None:
+        if not batch:
+            return
         editor = pl_module.editor
         with editor.timer("evaluation"), editor.evaluation_weights():
             for evaluator in self.final_evaluators:

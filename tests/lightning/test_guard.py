@@ -191,6 +191,10 @@ def test_rollback_quarantines_the_planted_request_and_ends_as_a_run_without_it(s
         torch.set_num_threads(threads)
     expected = editor.state_dict()["weights"]
     assert all(torch.equal(state["weights"][k], expected[k]) for k in expected)  # max abs difference 0
+    # final/edited/ scored the 7 facts in the weights, not the quarantined one
+    applied = [requests[i] for ids in state["case_ids"] for i in ids]
+    final = json.loads((root / "summary.json").read_text())["final"]
+    assert final == pytest.approx({f"final/edited/{k}": v for k, v in editor.evaluate(applied).items()}, rel=1e-5, abs=1e-9)
     assert canary_before == 1.0 and editor.evaluate([requests["canary"]])["specificity_score"] == 1.0
     with editor.trial([requests["planted"]]):  # the planted record alone does break the canary
         assert editor.evaluate([requests["canary"]])["specificity_score"] == 0.0
