@@ -342,3 +342,40 @@ def test_the_pooled_correlations_rank_every_variants_points_together():
     expected = [rank_correlation([p[k] for p in pooled], ppl) for k in ("edits", "he/layer1", "he/layer2")]
     assert lines[-1] == "| general/perplexity/perplexity | 10 | " + " | ".join(f"{v:.2f}" for v in expected) + " |"
     assert expected[1] > expected[0]  # built so: HE orders the two variants' damage, the edit count cannot
+
+
+def test_a_collapse_rule_on_a_metric_no_variant_records_is_refused_before_any_edit(tiny_model_dir, stats_cache, tmp_path):
+    rule = {"conditions": [{"metric": "edited_so_far/efficacy_scor", "below": 0.5}], "points_in_a_row": 2, "stop": True}
+    result = study(write_study(tmp_path, tiny_model_dir, stats_cache, [{"name": "a"}], collapse=rule), tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: variant 'a': collapse: conditions[0]: metric 'edited_so_far/efficacy_scor' is never recorded" in result.stderr
+    assert "did you mean 'edited_so_far/efficacy_score'" in result.stderr
+    assert not list((tmp_path / "study").glob("*/fit.log"))  # no variant started
+
+
+def test_report_before_any_run_is_one_line(tiny_model_dir, stats_cache, tmp_path):
+    result = study(write_study(tmp_path, tiny_model_dir, stats_cache, [{"name": "a"}]), tmp_path, "--report")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: study 'tiny' has not run yet" in result.stderr and "hint: " in result.stderr
+
+
+def test_a_study_killed_after_a_variants_last_checkpoint_reports_the_whole_runs_seconds(tiny_model_dir, stats_cache, tmp_path):
+    """The status and summary are written after the last checkpoint: a kill in between leaves a variant that
+    resumes with no edit left. Its report then gives the editing seconds of the whole run (they travel in
+    the checkpoint), not those of the resumed process (0.00 per edit)."""
+    path = write_study(tmp_path, tiny_model_dir, stats_cache, [{"name": "a", "overrides": {"trainer.enable_progress_bar": True}}])
+    assert study(path, tmp_path).returncode == 0
+    run = tmp_path / "study" / "a"
+    line = next(line for line in (tmp_path / "study" / "report.md").read_text().splitlines() if line.startswith("| a | done |"))
+    editing = float(line.split("|")[4])
+    assert editing > 0
+    log = (run / "fit.log").read_text()  # a log file stays readable: a line per batch, no bars, escapes or Lightning's epoch note
+    progress = [line for line in log.splitlines() if line.startswith("editing: ")]
+    assert len(progress) == NUM_BATCHES and progress[-1].startswith(f"editing: 100% {NUM_EDITS * NUM_BATCHES}/{NUM_EDITS * NUM_BATCHES} edits")
+    assert "\r" not in log and "\x1b[" not in log and "max_epochs=1" not in log and "scoring edited facts" not in log
+    for name in ("status.json", "summary.json"):
+        (run / name).unlink()  # as if killed after the last checkpoint
+    result = study(path, tmp_path)
+    assert result.returncode == 0 and "a: resuming from" in result.stdout
+    again = next(line for line in (tmp_path / "study" / "report.md").read_text().splitlines() if line.startswith("| a | done |"))
+    assert float(again.split("|")[4]) == editing
