@@ -66,11 +66,6 @@ class RunRecord:
     def edits(self) -> float:
         return float(self.progress.edits_in_weights)
 
-    @property
-    def is_writer(self) -> bool:
-        """Whether this process writes the run's files (the first of several DDP processes)."""
-        return self.trainer is None or self.trainer.is_global_zero
-
     # ------------------------------------------------------------------- rows
     def record(self, values: dict[str, float]) -> None:
         """Values measured now, during `fit`: to the loggers and into the history row of this step.
@@ -113,9 +108,6 @@ class RunRecord:
     # ------------------------------------------------------------------ files
     def write_json(self, name: str, value) -> Path:
         return atomic_write_json(self.path(name), value)
-
-    def write_text(self, name: str, text: str) -> Path:
-        return atomic_write_text(self.path(name), text)
 
     def write_rows_csv(self, name: str, rows: list[dict]) -> Path:
         return write_rows_csv(self.path(name), rows)
