@@ -29,7 +29,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from ..errors import SettingsError, SpherePLError
+
+from ..errors import SpherePLError
 
 #: share of the free memory that `auto` may plan with: the CPU's RAM is shared with the
 #: evaluation, the loggers and the rest of the machine; a GPU is the run's own
@@ -272,31 +273,11 @@ def memory_budget(device: torch.device, cap_gb: float | None) -> MemoryBudget:
     return MemoryBudget(share, source + (f"; values.memory_budget_gb = {cap_gb:g} is above it" if cap_gb is not None else ""))
 
 
-def check_compute_dtype(compute_dtype: str, device: torch.device) -> None:
-    """Refuse a bfloat16 value search where the device cannot run bfloat16 matrix products."""
-    if compute_dtype != "bfloat16":
-        return
-    if device.type == "cuda":
-        if not torch.cuda.is_bf16_supported(including_emulation=False):
-            name = torch.cuda.get_device_name(device)
-            raise SettingsError(
-                f"values.compute_dtype = 'bfloat16' needs a GPU with bfloat16 arithmetic; {name} has none "
-                "(compute capability below 8.0): use float32"
-            )
-    elif device.type == "cpu":
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            raise SettingsError(
-                "values.compute_dtype = 'bfloat16' needs a CPU with AVX-512 (oneDNN's bfloat16 kernels); this one has none: use float32"
-            )
-    else:
-        raise SettingsError(f"values.compute_dtype = 'bfloat16' is supported on CPU and CUDA, not on {device.type}: use float32")
-
-
 def is_budget_gb(value) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0)
 
 
 __all__ = [
     "ALLOCATOR_SLACK", "AUTO_SHARE", "CPU_PASS", "SMALL_PASS", "MemoryBudget", "PassPlan", "PassShape", "Precision", "StackShapes", "ValueMemoryError",
-    "check_compute_dtype", "free_bytes", "kept_bytes", "memory_budget", "pass_bytes", "plan_passes",
+    "free_bytes", "kept_bytes", "memory_budget", "pass_bytes", "plan_passes",
 ]

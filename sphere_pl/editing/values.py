@@ -44,7 +44,7 @@ from ..data.records import EditRequest
 from ..tracing import SuffixRunner, capture, pad_id_lists, token_positions
 from .keys import fill
 from .value_memory import (
-    CPU_PASS, GB, SMALL_PASS, MemoryBudget, PassPlan, PassShape, Precision, StackShapes, ValueMemoryError, check_compute_dtype, is_budget_gb, memory_budget, plan_passes,
+    CPU_PASS, GB, SMALL_PASS, MemoryBudget, PassPlan, PassShape, Precision, StackShapes, ValueMemoryError, is_budget_gb, memory_budget, plan_passes,
 )
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,11 @@ class ValueOptimization:
     memory_budget_gb: float | None = None
     # bfloat16: the blocks above the edited layer run on a bfloat16 copy of their weights (autocast);
     # delta, Adam, the clamp and the losses stay float32. A half-precision model runs in its own dtype.
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Measured on the device at set-up (`precision.py`): bfloat16 is used only where it is not slower
+    # than float32 (unless forced); auto takes bfloat16 where it is clearly faster.
+    compute_dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    # run bfloat16 even where it measures slower than float32
+    force_compute_dtype: bool = False
 
     def __post_init__(self):
         def need(ok: bool, name: str, rule: str, why: str = "the edit would change nothing or diverge"):
@@ -106,7 +110,9 @@ class ValueOptimization:
              "must be true, false or auto", "it switches activation checkpointing")
         need(is_budget_gb(self.memory_budget_gb), "memory_budget_gb", "must be a positive number of GB (or null: a share of the free memory)",
              "it is the memory `auto` may plan the value search with")
-        need(self.compute_dtype in ("float32", "bfloat16"), "compute_dtype", "must be float32 or bfloat16", "the upper blocks run in that precision")
+        need(self.compute_dtype in ("float32", "bfloat16", "auto"), "compute_dtype", "must be float32, bfloat16 or auto",
+             "the upper blocks run in that precision")
+        need(isinstance(self.force_compute_dtype, bool), "force_compute_dtype", "must be true or false", "it overrides the measured choice")
 
     @property
     def is_auto(self) -> bool:
@@ -343,10 +349,9 @@ def check_value_memory(
 
 
 def prepare_value_search(model, templates: ModuleTemplates, layer: int, hp: ValueOptimization, device: torch.device) -> MemoryBudget | None:
-    """Set-up of an editing method's value search at `layer`: refuse a compute dtype the device
-    cannot run, make the lower-precision copy of the upper blocks once, and measure the memory
-    budget for `auto` settings. Says what `auto` will do (logging, `sphere_pl` logger)."""
-    check_compute_dtype(hp.compute_dtype, device)
+    """Set-up of an editing method's value search at `layer` (`hp.compute_dtype`: the precision already
+    chosen, `precision.py`): make the lower-precision copy of the upper blocks once, and measure the
+    memory budget for `auto` settings. Says what `auto` will do (logging, `sphere_pl` logger)."""
     loss_layer = _check_layers(model, templates, layer, hp)
     copies = lower_precision_blocks(model, templates, layer + 1, loss_layer + 1, hp.compute_dtype)
     dtype = "bfloat16 copies of the upper blocks" if copies is not None else f"{str(next(model.parameters()).dtype).removeprefix('torch.')}"

@@ -9,9 +9,12 @@ a table of the final metrics and the HE change per layer, and writes `summary.js
 from __future__ import annotations
 
 import json
+import os
+import platform
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from ..lightning.record import METRICS, SUMMARY
@@ -44,10 +47,27 @@ class RunSummary(L.Callback):
             "last_evaluation": {k: v for k, v in last.items() if k.startswith(protocol.FACT_PREFIXES)},
             "hyperspherical_energy": he,
             "seconds": {k: round(v, 3) for k, v in editor.timer.seconds.items()},
+            "machine": machine(),
         }
+        precision = getattr(editor.method, "precision", None)
+        if precision is not None:
+            summary["precision"] = precision.as_dict()  # what the value search multiplied in, and the rates measured
         record.write_json(SUMMARY, summary)
         record.write_rows_csv(METRICS, rows)
         print(format_summary(summary, record.directory))
+
+
+def machine() -> dict:
+    """What ran the run: the CPU and the instruction sets that decide bfloat16 speed, torch's threads, the GPU."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        cpuinfo = []
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
+    flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    return {"cpu": model, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_bfloat16_instructions": sorted(flags & {"avx512f", "avx512_bf16", "amx_bf16"}),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "torch": torch.__version__}
 
 
 def read_summary(directory: str | Path) -> dict | None:
@@ -79,8 +99,10 @@ def format_header(pl_module, datamodule) -> str:
     if values:
         budget = getattr(method, "value_budget", None)
         memory = f"within {budget.bytes / 1024**3:.2f} GB ({budget.source})" if budget is not None else "explicit"
+        precision = getattr(method, "precision", None)
+        compute = precision.describe() if precision is not None else values["compute_dtype"]
         lines.append(f"  memory   value search: requests_per_pass {values['requests_per_pass']}, recompute_activations "
-                     f"{values['recompute_activations']}, {memory}; compute {values['compute_dtype']}")
+                     f"{values['recompute_activations']}, {memory}; compute {compute}")
     return "\n".join(lines)
 
 

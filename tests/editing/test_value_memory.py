@@ -209,7 +209,7 @@ def test_a_request_that_fits_no_pass_is_refused_before_any_edit_naming_it(tiny_m
     (dict(memory_budget_gb=0), "values.memory_budget_gb = 0 must be a positive number of GB"),
     (dict(memory_budget_gb=-2.0), "values.memory_budget_gb = -2.0 must be a positive number of GB"),
     (dict(requests_per_pass="many"), "values.requests_per_pass = 'many' must be an integer >= 1 or auto"),
-    (dict(compute_dtype="float16"), "values.compute_dtype = 'float16' must be float32 or bfloat16"),
+    (dict(compute_dtype="float16"), "values.compute_dtype = 'float16' must be float32, bfloat16 or auto"),
 ])
 def test_bad_settings_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):

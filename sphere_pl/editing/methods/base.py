@@ -24,6 +24,7 @@ from ..keys import GENERATION_PREFIXES, KeyReader, generate_context_templates
 from ..lm import LoadedModel
 from ..stats import KeyStatistics, second_moments
 from ..value_memory import GB, MemoryBudget
+from ..precision import PrecisionChoice, choose_compute_dtype
 from ..values import ValueOptimization, check_value_memory, optimize_values, prepare_value_search
 from ...errors import SettingsError
 from ...filters import DeltaFilter
@@ -71,8 +72,8 @@ class EditMethod(nn.Module):
     """
 
     name: ClassVar[str] = ""
-    #: the paper's SPHERE suppression strength α for this method (0.8; AlphaEdit 0.5), used
-    #: when an editor is given no filters of its own
+    #: the paper's SPHERE suppression strength α for this method (0.8; AlphaEdit 0.5), the run
+    #: config's default filter (`SequentialEditor` with `filters: null`)
     sphere_strength: ClassVar[float] = 0.8
 
     def __init__(self, layers: list[int]):
@@ -222,16 +223,30 @@ class LocateThenEdit(EditMethod):
                 raise SettingsError(f"context_templates must each contain '{{}}' exactly once: {bad}")
         self.context_groups = [["{}"], list(context_templates)] if context_templates else None
         self.value_budget: MemoryBudget | None = None  # what `auto` value-search settings plan with (set-up)
+        self.precision: PrecisionChoice | None = None  # what the value search multiplies in, measured at set-up
         self._last_plan = None
 
-    # Context templates are plain strings: they travel in the checkpoint as extra state, and so does
-    # the value search's memory budget, so that a resumed run plans its passes as the first one did.
+    @property
+    def search_values(self) -> ValueOptimization:
+        """The value-search settings as they run: `values` with the precision chosen at set-up."""
+        if self.precision is None:
+            return self.values
+        return dataclasses.replace(self.values, compute_dtype="bfloat16" if self.precision.used == "bfloat16" else "float32")
+
+    # Context templates are plain strings: they travel in the checkpoint as extra state, and so do the
+    # value search's memory budget and precision, so that a resumed run searches as the first one did.
     def get_extra_state(self):
         budget = self.value_budget
-        return {"context_groups": self.context_groups, "value_budget": None if budget is None else [budget.bytes, budget.source]}
+        return {"context_groups": self.context_groups, "value_budget": None if budget is None else [budget.bytes, budget.source],
+                "precision": None if self.precision is None else self.precision.as_dict()}
 
     def set_extra_state(self, state):
         self.context_groups = state["context_groups"]
+        started = state.get("precision")
+        if started is not None and self.precision is not None and started["used"] != self.precision.used:
+            log.warning("value search: the run started in %s (%s); it goes on in %s, not in the %s measured here",
+                        started["used"], started["reason"], started["used"], self.precision.used)
+            self.precision = PrecisionChoice(**{**started, "reason": f"{started['reason']}; as when the run started"})
         saved, now = state.get("value_budget"), self.value_budget
         if saved is None or now is None:
             return
@@ -250,17 +265,25 @@ class LocateThenEdit(EditMethod):
             self.context_groups = generate_context_templates(
                 lm.model, lm.tokenizer, self.context_length, self.context_prefixes, self.context_seed
             )
-        self.value_budget = prepare_value_search(lm.model, lm.templates, self.layers[-1], self.values, lm.device)
+        config = lm.model.config
+        hidden = config.hidden_size
+        intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+        self.precision = choose_compute_dtype(self.values.compute_dtype, self.values.force_compute_dtype, lm.device, hidden, intermediate,
+                                              next(lm.model.parameters()).dtype)
+        if self.precision.used != self.values.compute_dtype and self.values.compute_dtype != "auto":
+            log.warning("value search: %s", self.precision.describe())
+        self.value_budget = prepare_value_search(lm.model, lm.templates, self.layers[-1], self.search_values, lm.device)
 
     def check_requests(self, lm: LoadedModel, requests: list[EditRequest]) -> None:
         """A request whose value search would not fit the memory budget even alone stops the run here."""
         if self.value_budget is not None and requests:
-            check_value_memory(lm.model, lm.tokenizer, lm.templates, requests, self.context_groups, self.layers[-1], self.values, self.value_budget)
+            check_value_memory(lm.model, lm.tokenizer, lm.templates, requests, self.context_groups, self.layers[-1], self.search_values,
+                               self.value_budget)
 
     def value_search(self, lm: LoadedModel, requests: list[EditRequest], layer: int, reference: torch.Tensor | None = None):
         """`optimize_values` with this method's settings and memory budget; logs the plan when it changes."""
         with lm.timer("value_optimisation"):
-            z, info = optimize_values(lm.model, lm.tokenizer, lm.templates, requests, self.context_groups, layer, self.values,
+            z, info = optimize_values(lm.model, lm.tokenizer, lm.templates, requests, self.context_groups, layer, self.search_values,
                                       reference=reference, budget=self.value_budget)
         plan = info["plan"]
         chosen = (plan.requests_per_pass, plan.recompute)
