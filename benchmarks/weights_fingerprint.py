@@ -41,7 +41,7 @@ def run(model, tok, method: str, layers, requests, batch: int, values: ValueOpti
                     filters=[SphereProjection(0.5, alpha)], model_id=model_id)
     for start in range(0, len(requests), batch):
         editor.apply(requests[start : start + batch])
-    return {f"{method}/layer{layer}": digest(w) for layer, w in editor.edited_weights().items()}
+    return {f"{method}/{label}": digest(w) for label, w in editor.edited_weights().items()}
 
 
 def main() -> int:

@@ -12,7 +12,7 @@ import importlib
 
 from .data import EditBatch, EditDataError, EditRequest, load_edit_requests
 from .editing import METHODS, AlphaEdit, EditFailedError, EditMethod, Editor, LocateThenEdit, Patch, PatchError, create_method, register_method
-from .editing.methods import MEMIT, PRUNE, RECT, ROME, FineTune
+from .editing.methods import MEMIT, PRUNE, RECT, ROME, FineTune, UltraEdit
 from .errors import SettingsError, SpherePLError
 from .filters import DeltaFilter
 from .models import PretrainedModel, load_model_and_tokenizer
@@ -63,6 +63,7 @@ __all__ = [
     "SettingsError",
     "SphereProjection",
     "SpherePLError",
+    "UltraEdit",
     "create_method",
     "hyperspherical_energy",
     "load_edit_requests",

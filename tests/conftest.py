@@ -136,6 +136,7 @@ def tiny_method_kwargs(stats_cache: str) -> dict[str, dict]:
         "prune": dict(layers=[1, 2], **common),
         "rome": dict(layer=1, **common),
         "ft": dict(layer=2, num_steps=5, lr=1e-2),
+        "ultraedit": dict(targets={"mlp.gate_proj": [1], "mlp.up_proj": [2]}, lr=1e-2, mini_batch=3),
     }
 
 

@@ -111,3 +111,47 @@ def test_each_config_carries_the_official_hyper_parameters_of_its_method_and_mod
 
 def test_the_official_table_covers_every_method_config_of_the_paper_models():
     assert set(OFFICIAL) == {(m, x) for m in ("llama3_8b", "qwen2.5_7b") for x in METHOD_CLASSES}
+
+
+# UltraEdit (XiaojieGu/UltraEdit @ 0beb222) and StableEdit (MINE-USTC/StableEdit @ 6ea8eae), written here
+# from those files in sphere_pl's names: edit_modules (model.layers.N.mlp.X) -> targets {mlp.X: [N, ...]},
+# editor.lr -> lr, the solve's ridge (UltraEdit: the identity added in editor/ultraedit.py; StableEdit:
+# editor.alpha=10 in run.sh) -> ridge, dataset.batch_size -> mini_batch, dataset.n_edits -> data.num_edits,
+# RunningMeanStd's unbiased batch variance (UltraEdit) or biased one (StableEdit) -> variance,
+# RunningMeanStd_mode=stable (StableEdit) -> whitening full.
+_ULTRA = {"ridge": 1.0, "mini_batch": 10, "variance": "ultraedit", "whitening": "diagonal", "num_edits": 100}
+_STABLE = {"ridge": 10.0, "mini_batch": 10, "variance": "exact", "whitening": "full", "num_edits": 100}
+OFFICIAL_LIFELONG = {
+    ("llama3_8b", "ultraedit"): {**_ULTRA, "lr": 1e-6, "targets": {"mlp.gate_proj": [11, 12, 13, 14, 15], "mlp.up_proj": [18, 19, 20, 21, 22, 23, 24]}},
+    ("qwen2.5_7b", "ultraedit"): {**_ULTRA, "lr": 1e-6, "targets": {"mlp.gate_proj": list(range(18, 27)), "mlp.up_proj": list(range(18, 27))}},
+    ("mistral_7b", "ultraedit"): {**_ULTRA, "lr": 1e-6, "targets": {"mlp.down_proj": [29, 30]}},       # config/model/mistral-7b.yaml
+    ("llama3_8b", "stableedit"): {**_STABLE, "lr": 1e-6, "targets": {"mlp.down_proj": [11, 12, 22, 23, 28, 29, 30]}},  # run.sh, zsre
+    ("qwen2.5_7b", "stableedit"): {**_STABLE, "lr": 2e-6, "targets": {"mlp.down_proj": [8, 9, 10, 11, 12, 13, 14, 18, 19, 20, 21, 22, 23, 24, 25]}},
+    ("mistral_7b", "stableedit"): {**_STABLE, "lr": 1e-6, "targets": {"mlp.down_proj": [28, 29, 30, 31]}},
+}
+
+
+@pytest.mark.parametrize("model, method", sorted(OFFICIAL_LIFELONG))
+def test_each_lifelong_config_carries_the_official_settings(model, method):
+    config = yaml.safe_load((REPO / "configs" / model / f"{method}.yaml").read_text())
+    settings = {**config["model"]["method"]["init_args"], "num_edits": config["data"]["num_edits"]}
+    wrong = {k: (settings.get(k, "missing"), v) for k, v in OFFICIAL_LIFELONG[(model, method)].items() if settings.get(k, "missing") != v}
+    assert not wrong, f"configs/{model}/{method}.yaml: (config, official) {wrong}"
+    assert config["model"]["method"]["class_path"] == "sphere_pl.UltraEdit"
+
+
+@pytest.mark.parametrize("model, method", sorted(OFFICIAL_LIFELONG))
+def test_each_lifelong_config_builds_its_method(model, method):
+    from sphere_pl import UltraEdit
+
+    init = yaml.safe_load((REPO / "configs" / model / f"{method}.yaml").read_text())["model"]["method"]["init_args"]
+    built = UltraEdit(**init)
+    assert [layer for layers in built.targets.values() for layer in layers] == [layer for layers in init["targets"].values() for layer in layers]
+
+
+def test_a_lifelong_config_parses_through_the_cli(tmp_path, forked_cli):
+    directory = REPO / "configs" / "mistral_7b"
+    args = ["fit", "--config", str(directory / "common.yaml"), "--config", str(directory / "stableedit.yaml"), "--print_config"]
+    method = yaml.safe_load(forked_cli(args, REPO, cli_env(tmp_path)).stdout)["model"]["method"]
+    assert method["class_path"] == "sphere_pl.UltraEdit"
+    assert method["init_args"]["targets"] == {"mlp.down_proj": [28, 29, 30, 31]} and method["init_args"]["whitening"] == "full"

@@ -93,6 +93,7 @@ class Editor:
         self.filters = list(filters or ())
         self.writer = WeightWriter(self.lm, [*self.method.delta_filters(), *self.filters])
         self.edited_modules = self.method.edited_modules(self.lm.templates)
+        self.weight_labels = self.method.weight_labels()
         missing = [name for name in self.edited_modules if not has_module(model, name)]
         if missing:
             layers = self.lm.templates.layers
@@ -132,9 +133,10 @@ class Editor:
     def edited_layers(self) -> list[int]:
         return list(self.method.layers)
 
-    def edited_weights(self) -> dict[int, torch.Tensor]:
-        """{layer: current weight of its edited module (nn.Linear layout, a view)}."""
-        return {layer: linear_weight(self.model.get_submodule(name)) for layer, name in zip(self.edited_layers, self.edited_modules)}
+    def edited_weights(self) -> dict[str, torch.Tensor]:
+        """{label: current weight of an edited module (nn.Linear layout, a view)}: `layer4` where a method edits
+        one module per layer, `layer18.up_proj` where it edits several (the names HE is recorded under)."""
+        return {label: linear_weight(self.model.get_submodule(name)) for label, name in zip(self.weight_labels, self.edited_modules)}
 
     def settings(self) -> dict:
         """Method and filter settings, as recorded in patches and checkpoints."""

@@ -88,8 +88,8 @@ class CollapseGuard(L.Callback):
     def metric_names(self, trainer, pl_module) -> set[str]:
         if not self.enabled:
             return set()
-        layers = [f"layer{layer}" for layer in pl_module.editor.edited_layers]
-        return {HE_SCORE + layer for layer in layers} | {NORM_GROWTH + layer for layer in layers} | {
+        labels = pl_module.editor.weight_labels
+        return {HE_SCORE + label for label in labels} | {NORM_GROWTH + label for label in labels} | {
             protocol.GUARD + name for name in ("he_score_max", "breach", "breaches", "quarantined")}
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -107,7 +107,7 @@ class CollapseGuard(L.Callback):
         editor = pl_module.editor
         he, _ = self.he.energies(editor)
         with editor.evaluation_weights():
-            norms = {f"layer{layer}": float(w.double().norm()) for layer, w in editor.edited_weights().items()}
+            norms = {label: float(w.double().norm()) for label, w in editor.edited_weights().items()}
         return he, norms
 
     def measure(self, trainer, pl_module) -> tuple[dict[str, float], dict]:

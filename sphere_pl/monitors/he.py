@@ -1,4 +1,4 @@
-"""`HypersphericalEnergyMonitor`: HE of every edited layer, live, as the edits go on (SPEC section 2).
+"""`HypersphericalEnergyMonitor`: HE of every edited weight, live, as the edits go on (SPEC section 2).
 
 Collapse under sequential editing coincides with large ΔHE, which is why it is watched after every
 batch: `he/layerN`, `he_delta/layerN` (against the pretrained weight) and `he_relative/layerN`.
@@ -40,24 +40,23 @@ class HypersphericalEnergyMonitor(L.Callback):
         self.initial: dict[str, float] = {}
         self._cache = PerWeights()
 
-    def _energies_of(self, weights: dict[int, torch.Tensor]) -> dict[str, float]:
-        return {f"layer{layer}": float(hyperspherical_energy(w, self.s, self.reduction, self.chunk_size, self.normalize_rows))
-                for layer, w in weights.items()}
+    def _energies_of(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {label: float(hyperspherical_energy(w, self.s, self.reduction, self.chunk_size, self.normalize_rows)) for label, w in weights.items()}
 
     def energies(self, editor) -> tuple[dict[str, float], dict[str, float] | None]:
         """HE per edited layer of the evaluated weights, and of the live ones where they differ (else None)."""
         def measure():
-            live = {layer: w.detach().clone() for layer, w in editor.edited_weights().items()}
+            live = {label: w.detach().clone() for label, w in editor.edited_weights().items()}
             with editor.evaluation_weights():
                 evaluated = editor.edited_weights()
-                differs = any(not torch.equal(w, live[layer]) for layer, w in evaluated.items())
+                differs = any(not torch.equal(w, live[label]) for label, w in evaluated.items())
                 return self._energies_of(evaluated), (self._energies_of(live) if differs else None)
 
         with editor.timer("he"):
             return self._cache.get(editor, measure)
 
     def metric_names(self, trainer, pl_module) -> set[str]:
-        return {f"{kind}/layer{layer}" for layer in pl_module.editor.edited_layers for kind in ("he", "he_delta", "he_relative")}
+        return {f"{kind}/{label}" for label in pl_module.editor.weight_labels for kind in ("he", "he_delta", "he_relative")}
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if not self.initial:  # restored from a checkpoint when resuming

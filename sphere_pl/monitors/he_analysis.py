@@ -39,7 +39,7 @@ class HEAnalysis(L.Callback):
             self.before = self._cosines(pl_module)
 
     def _cosines(self, pl_module) -> dict[str, torch.Tensor]:
-        return {f"layer{layer}": neuron_cosines(w, self.max_neurons) for layer, w in pl_module.editor.edited_weights().items()}
+        return {label: neuron_cosines(w, self.max_neurons) for label, w in pl_module.editor.edited_weights().items()}
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:

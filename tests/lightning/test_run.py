@@ -543,7 +543,7 @@ def test_he_is_that_of_the_evaluated_weights_and_the_live_ones_are_logged_beside
     assert [r["edits"] for r in rows] == [4, 8, 12]
     for row, done in zip(rows, (1, 2, 3)):
         for layer in (1, 2):
-            evaluated, live = weights.evaluated[done][layer], weights.live[done][layer]
+            evaluated, live = weights.evaluated[done][f"layer{layer}"], weights.live[done][f"layer{layer}"]
             assert float((evaluated - live).abs().max()) > 0  # the restraint acted
             assert row[f"he/layer{layer}"] == pytest.approx(brute_force_he(evaluated), rel=1e-6)
             assert row[f"he_live/layer{layer}"] == pytest.approx(brute_force_he(live), rel=1e-6)

@@ -88,7 +88,7 @@ def _check_rule_metrics(built) -> None:
     data.setup("fit")  # reads the records: which benchmarks' metrics are recorded
     callbacks = [built[section] for section in SECTIONS]
     trainer = SimpleNamespace(datamodule=data, callbacks=callbacks)
-    pl_module = SimpleNamespace(editor=SimpleNamespace(edited_layers=list(method.layers)))
+    pl_module = SimpleNamespace(editor=SimpleNamespace(weight_labels=method.weight_labels()))
     recorded = recorded_metrics(trainer, pl_module)
     for callback in callbacks:
         rule = getattr(callback, "rule", None)

@@ -6,6 +6,7 @@ from .memit import MEMIT
 from .prune import PRUNE, restrain_singular_values
 from .rect import RECT, RelativeChangeSparsifier
 from .rome import ROME
+from .ultraedit import UltraEdit
 from .base import METHODS, BatchEdit, EditMethod, LocateThenEdit, create_method, register_method
 
-__all__ = ["FineTune", "MEMIT", "METHODS", "PRUNE", "RECT", "ROME", "AlphaEdit", "RelativeChangeSparsifier", "BatchEdit", "EditMethod", "LocateThenEdit", "create_method", "register_method", "restrain_singular_values"]
+__all__ = ["FineTune", "MEMIT", "METHODS", "PRUNE", "RECT", "ROME", "AlphaEdit", "RelativeChangeSparsifier", "UltraEdit", "BatchEdit", "EditMethod", "LocateThenEdit", "create_method", "register_method", "restrain_singular_values"]

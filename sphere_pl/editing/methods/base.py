@@ -91,6 +91,10 @@ class EditMethod(nn.Module):
     def edited_modules(self, templates) -> list[str]:
         return [templates.down_proj_at(layer) for layer in self.layers]
 
+    def weight_labels(self) -> list[str]:
+        """A short name for each edited module, in `edited_modules`' order (HE and the guard record under it)."""
+        return [f"layer{layer}" for layer in self.layers]
+
     def setup(self, lm: LoadedModel) -> None:
         num_layers = len(lm.model.get_submodule(lm.templates.layers))
         too_high = [layer for layer in self.layers if layer >= num_layers]
