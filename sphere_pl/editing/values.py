@@ -515,4 +515,5 @@ def _optimize_group(
     z = (h_init + delta.detach()).to(dtype)
     slots = {k: int(v) for k, v in runner.token_slots.items()}
     return z, {"steps": steps, "loss": final_loss, "initial_loss": initial_loss, "delta_norm": delta.detach().norm(dim=-1).cpu(), "delta": delta.detach(),
+               "init": h_init.detach(),
                "token_slots": slots}

@@ -31,7 +31,9 @@ from ..keys import GENERATION_PREFIXES
 from ..lm import LoadedModel
 from ...models import linear_weight
 from ..stats import KeyStatistics
+
 from ..values import ValueOptimization
+from ..norm_anchor import NormAnchor
 from .base import LocateThenEdit, register_method
 
 
@@ -61,6 +63,7 @@ class AlphaEdit(LocateThenEdit):
     context_prefixes: words the sampled context templates start with (one template each).
     context_length: tokens sampled per context template.
     context_seed: seed for sampling context templates.
+    norm_anchor: norm anchoring of the target values (NAS, `sphere_pl.editing.norm_anchor`); None: off.
     """
 
     sphere_strength = 0.5  # the paper's α for AlphaEdit
@@ -77,8 +80,9 @@ class AlphaEdit(LocateThenEdit):
         context_prefixes: list[str] = list(GENERATION_PREFIXES),
         context_length: int = 10,
         context_seed: int = 0,
+        norm_anchor: NormAnchor | None = None,
     ):
-        super().__init__(layers, values, stats, context_templates, context_prefixes, context_length, context_seed)
+        super().__init__(layers, values, stats, context_templates, context_prefixes, context_length, context_seed, norm_anchor)
         if not nullspace_threshold > 0:
             raise SettingsError(
                 f"nullspace_threshold = {nullspace_threshold} leaves an empty null space: every update would be zero; "

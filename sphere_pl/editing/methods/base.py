@@ -24,6 +24,8 @@ from ..keys import GENERATION_PREFIXES, KeyReader, generate_context_templates
 from ..lm import LoadedModel
 from ..stats import KeyStatistics, second_moments
 from ..value_memory import GB, MemoryBudget
+from ...models import weights_fingerprint
+from ..norm_anchor import NormAnchor, anchor, mlp_outputs, reference_norm
 from ..precision import PrecisionChoice, choose_compute_dtype
 from ..values import ValueOptimization, check_value_memory, optimize_values, prepare_value_search
 from ...errors import SettingsError
@@ -214,8 +216,11 @@ class LocateThenEdit(EditMethod):
         context_prefixes: list[str] = list(GENERATION_PREFIXES),
         context_length: int = 10,
         context_seed: int = 0,
+        norm_anchor: NormAnchor | None = None,
     ):
         super().__init__(layers)
+        self.norm_anchor = norm_anchor
+        self.anchor_norm: float | None = None  # ρ, measured (or read from its cache) at set-up
         self.values = values
         self.stats = stats
         self.context_prefixes = list(context_prefixes)
@@ -277,6 +282,17 @@ class LocateThenEdit(EditMethod):
         if self.precision.used != self.values.compute_dtype and self.values.compute_dtype != "auto":
             log.warning("value search: %s", self.precision.describe())
         self.value_budget = prepare_value_search(lm.model, lm.templates, self.layers[-1], self.search_values, lm.device)
+        if self.norm_anchor is not None:
+            layer = self.layers[-1]
+
+            def bare_pushes(requests):  # the official reference: bare prompts, the method's own value settings
+                return optimize_values(lm.model, lm.tokenizer, lm.templates, requests, [["{}"]], layer, self.search_values,
+                                       budget=self.value_budget)[1]["delta"]
+
+            # what decides the pushes (not how passes are sized, which changes last bits only)
+            values_key = {k: v for k, v in dataclasses.asdict(self.search_values).items()
+                          if k not in ("requests_per_pass", "recompute_activations", "memory_budget_gb")}
+            self.anchor_norm = reference_norm(lm, self.norm_anchor, layer, bare_pushes, values_key, self.stats.cache_dir, weights_fingerprint(lm.model))
 
     def check_requests(self, lm: LoadedModel, requests: list[EditRequest]) -> None:
         """A request whose value search would not fit the memory budget even alone stops the run here."""
@@ -311,6 +327,7 @@ class LocateThenEdit(EditMethod):
             "context_prefixes": self.context_prefixes,
             "context_length": self.context_length,
             "context_seed": self.context_seed,
+            "norm_anchor": None if self.norm_anchor is None else {**dataclasses.asdict(self.norm_anchor), "reference_norm": self.anchor_norm},
         }
 
     def key_second_moments(self, lm: LoadedModel) -> dict[int, torch.Tensor]:
@@ -323,6 +340,10 @@ class LocateThenEdit(EditMethod):
         z_layer = self.layers[-1]
         targets, info = self.value_search(lm, requests, z_layer)
         self._check_values_moved(requests, info)
+        anchored = {}
+        if self.norm_anchor is not None:
+            pushes, anchored = self.anchored_pushes(lm, requests, z_layer, info["delta"])
+            targets = (info["init"] + pushes.to(info["init"].device)).to(targets.dtype)  # h − v0 + v*
 
         with lm.timer("keys"):
             reader = KeyReader(model, tok, templates, requests, self.context_groups, from_layer=min(self.layers))
@@ -345,9 +366,21 @@ class LocateThenEdit(EditMethod):
         with lm.timer("keys"):
             final_keys, _ = reader.read(self.layers)
         return BatchEdit(
-            info={"value_loss": float(info["loss"].mean()), "value_steps": float(info["steps"].float().mean()), **self.plan_info(info)},
+            info={"value_loss": float(info["loss"].mean()), "value_steps": float(info["steps"].float().mean()), **self.plan_info(info), **anchored},
             state=self.batch_state(final_keys),
         )
+
+    def anchored_pushes(self, lm: LoadedModel, requests: list[EditRequest], layer: int, pushes: torch.Tensor,
+                        v0: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The value search's pushes δ after norm anchoring (NAS), and what it did: the share of requests whose
+        push was dropped (‖v0 + δ‖ over threshold x ρ) and rescaled, and the mean ‖v0 + δ‖ / ρ."""
+        with lm.timer("norm_anchor"):
+            v0 = mlp_outputs(lm, requests, layer) if v0 is None else v0.float()
+            pushes = pushes.float().to(v0.device)
+            anchored, dropped = anchor(v0, pushes, self.anchor_norm, self.norm_anchor.threshold)
+            share = float(dropped.float().mean())
+            ratio = float(((v0 + pushes).norm(dim=-1) / self.anchor_norm).mean())
+        return anchored, {"norm_anchor_dropped": share, "norm_anchor_rescaled": 1.0 - share, "norm_anchor_ratio": ratio}
 
     def _check_values_moved(self, requests: list[EditRequest], info: dict) -> None:
         """Target values equal to the current ones make a no-op edit: name the settings to blame."""

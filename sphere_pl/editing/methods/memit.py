@@ -20,7 +20,9 @@ from ...errors import SettingsError
 from ..keys import GENERATION_PREFIXES
 from ..lm import LoadedModel
 from ..stats import KeyStatistics
+
 from ..values import ValueOptimization
+from ..norm_anchor import NormAnchor
 from .base import LocateThenEdit, register_method
 
 
@@ -32,6 +34,7 @@ class MEMIT(LocateThenEdit):
     stats: where the key second moments C0 come from.
     mom2_update_weight: λ, the weight of C0 against the new keys (15000).
     context_templates, context_prefixes, context_length, context_seed: as for AlphaEdit.
+    norm_anchor: norm anchoring of the target values (NAS, `sphere_pl.editing.norm_anchor`); None: off.
     """
 
     writes_each_layer = False
@@ -46,8 +49,9 @@ class MEMIT(LocateThenEdit):
         context_prefixes: list[str] = list(GENERATION_PREFIXES),
         context_length: int = 10,
         context_seed: int = 0,
+        norm_anchor: NormAnchor | None = None,
     ):
-        super().__init__(layers, values, stats, context_templates, context_prefixes, context_length, context_seed)
+        super().__init__(layers, values, stats, context_templates, context_prefixes, context_length, context_seed, norm_anchor)
         if not mom2_update_weight > 0:
             raise SettingsError(f"mom2_update_weight = {mom2_update_weight} must be > 0 (the paper: 15000)")
         self.mom2_update_weight = mom2_update_weight

@@ -27,8 +27,10 @@ from ...tracing import capture, token_positions, tokenize
 from ..keys import GENERATION_PREFIXES, KeyReader, generate_context_templates
 from ..lm import LoadedModel
 from ..stats import KeyStatistics
+
 from ..values import ValueOptimization
 from ..writer import WeightWriter
+from ..norm_anchor import NormAnchor
 from .base import BatchEdit, LocateThenEdit, register_method, single_layer
 
 
@@ -43,6 +45,7 @@ class ROME(LocateThenEdit):
     context_templates: fixed templates (each with "{}"), used after the bare prompt; None samples them.
     context_lengths, context_per_length: tokens per sampled template, and samples per prefix and length.
     context_prefixes, context_seed: as for AlphaEdit.
+    norm_anchor: norm anchoring of the target values (NAS, `sphere_pl.editing.norm_anchor`); None: off.
     """
 
     def __init__(
@@ -57,9 +60,10 @@ class ROME(LocateThenEdit):
         context_prefixes: list[str] = list(GENERATION_PREFIXES),
         context_seed: int = 0,
         layers: list[int] | None = None,
+        norm_anchor: NormAnchor | None = None,
     ):
         layer = single_layer(self, layer, layers)
-        super().__init__([layer], values, stats, context_templates, context_prefixes, max(context_lengths), context_seed)
+        super().__init__([layer], values, stats, context_templates, context_prefixes, max(context_lengths), context_seed, norm_anchor)
         if context_templates:
             self.context_groups = [["{}", *context_templates]]  # one flat group, as ROME averages
         self.mom2_adjustment = mom2_adjustment
@@ -92,14 +96,16 @@ class ROME(LocateThenEdit):
             self.register_buffer("key_moment", moment.to(lm.device), persistent=False)
 
     def edit(self, lm: LoadedModel, requests: list[EditRequest], writer: WeightWriter) -> BatchEdit:
-        losses, steps = [], []
+        losses, steps, anchored = [], [], []
         for request in requests:
-            loss, step, plan = self._edit_one(lm, request, writer)
+            loss, step, plan, anchoring = self._edit_one(lm, request, writer)
             losses.append(loss)
             steps.append(step)
-        return BatchEdit(info={"value_loss": sum(losses) / len(losses), "value_steps": sum(steps) / len(steps), **plan})
+            anchored.append(anchoring)
+        means = {k: sum(a[k] for a in anchored) / len(anchored) for k in anchored[0]}
+        return BatchEdit(info={"value_loss": sum(losses) / len(losses), "value_steps": sum(steps) / len(steps), **plan, **means})
 
-    def _edit_one(self, lm: LoadedModel, request: EditRequest, writer: WeightWriter) -> tuple[float, float, dict]:
+    def _edit_one(self, lm: LoadedModel, request: EditRequest, writer: WeightWriter) -> tuple[float, float, dict, dict]:
         model, tok, templates = lm.model, lm.tokenizer, lm.templates
         name = templates.down_proj_at(self.layer)
         with lm.timer("keys"):
@@ -113,8 +119,12 @@ class ROME(LocateThenEdit):
         u = u / u.norm()
         _, info = self.value_search(lm, [request], self.layer, reference=mlp_out[None])
         self._check_values_moved([request], info)
+        anchoring = {}
+        if self.norm_anchor is not None:  # v* = mlp_out + δ anchored (the official ROME code uses threshold 5)
+            pushes, anchoring = self.anchored_pushes(lm, [request], self.layer, info["delta"], v0=mlp_out[None])
+            info["delta"] = pushes
         with lm.timer("solve"):
             delta = info["delta"][0].to(k.dtype)  # v* − W k: what the MLP output must gain
             update = torch.outer(delta, u) / torch.dot(u, k)  # rank one, and update @ k = delta
         writer.write(name, update)
-        return float(info["loss"].mean()), float(info["steps"].float().mean()), self.plan_info(info)
+        return float(info["loss"].mean()), float(info["steps"].float().mean()), self.plan_info(info), anchoring
