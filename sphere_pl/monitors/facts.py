@@ -43,6 +43,8 @@ class FactMonitor(L.Callback):
     before_editing: score the facts to be edited before the first edit (`pre_edit/to_edit/`).
     evaluators: more evaluators of edit facts (e.g. `GenerativeEfficacyEvaluator`,
         `GenerationQualityEvaluator`), run wherever facts are scored except `last_batch/`.
+    unedited_baseline: at every evaluation point, also score that point's edited-so-far sample on the
+        unedited weights (`pre_edit/edited_so_far/`): the same facts before and after their edits.
     """
 
     def __init__(
@@ -54,8 +56,11 @@ class FactMonitor(L.Callback):
         last_batch: bool = True,
         before_editing: bool = True,
         evaluators: list[Evaluator] | None = None,
+        unedited_baseline: bool = False,
     ):
         self.schedule = Schedule(every_n_batches, at_edits, "facts")
+        self.unedited_baseline = unedited_baseline
+        self.unedited: dict[str, torch.Tensor] = {}  # the edited modules' pretrained weights (unedited_baseline), read at set-up
         if sample_size is not None and sample_size < 1:
             raise SettingsError(f"facts.sample_size must be >= 1 (or null: every fact), got {sample_size}")
         self.sample_size = sample_size
@@ -69,6 +74,9 @@ class FactMonitor(L.Callback):
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.final_evaluators = [FactEvaluator("", pl_module.editor.scoring_batch_size), *self.evaluators]
+        editor = pl_module.editor
+        if self.unedited_baseline and stage == "fit" and not self.unedited:  # before a checkpoint is restored: the pretrained weights
+            self.unedited = {name: w.detach().clone() for name, w in zip(editor.edited_modules, editor.edited_weights().values())}
 
     def metric_names(self, trainer, pl_module) -> set[str]:
         datamodule = trainer.datamodule
@@ -77,8 +85,10 @@ class FactMonitor(L.Callback):
         extras = [name for evaluator in self.evaluators for name in evaluator.metric_names()]
         prefixes = {protocol.PRE_EDIT: self.before_editing, protocol.LAST_BATCH: self.last_batch,
                     protocol.EDITED_SO_FAR: True, protocol.NEVER_EDITED: bool(getattr(datamodule, "holdout_requests", None))}
+        prefixes[protocol.EDITED_SO_FAR_UNEDITED] = self.unedited_baseline
         names = {prefix + name for prefix, on in prefixes.items() if on for name in facts}
-        names |= {prefix + name for prefix in (protocol.PRE_EDIT, protocol.EDITED_SO_FAR) for name in extras}
+        sampled = (protocol.PRE_EDIT, protocol.EDITED_SO_FAR) + ((protocol.EDITED_SO_FAR_UNEDITED,) if self.unedited_baseline else ())
+        names |= {prefix + name for prefix in sampled for name in extras}
         return names
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -109,7 +119,10 @@ class FactMonitor(L.Callback):
         """Metrics on (a fixed sample of) the facts edited so far and on the never-edited facts."""
         applied = set(pl_module.edited_case_ids())
         edited = [r for r in trainer.datamodule.edited_requests(pl_module.editor.batches_done) if r.case_id in applied]
-        values = self.score(pl_module, self.sample(edited), protocol.EDITED_SO_FAR, "after_batch", extras=True)
+        sample = self.sample(edited)
+        values = self.score(pl_module, sample, protocol.EDITED_SO_FAR, "after_batch", extras=True)
+        if self.unedited_baseline:
+            values.update(self.score_unedited(pl_module, sample))
         holdout = getattr(trainer.datamodule, "holdout_requests", [])
         if holdout:
             values.update(self.score(pl_module, holdout, protocol.NEVER_EDITED, "after_batch"))
@@ -126,6 +139,18 @@ class FactMonitor(L.Callback):
                 extra, rows = evaluator.evaluate_cases(editor.model, editor.tokenizer, requests)
             values.update({prefix + k: float(v) for k, v in extra.items() if not torch.isnan(v)})
             record.write_cases(prefix, evaluator.name, rows, moment)
+        return values
+
+    def score_unedited(self, pl_module, requests: list[EditRequest]) -> dict[str, float]:
+        """`requests` scored by every fact evaluator on the pretrained weights, put in place for the duration
+        (exactly the weights back afterwards): the paired baseline of the edited-so-far sample."""
+        editor, prefix = pl_module.editor, protocol.EDITED_SO_FAR_UNEDITED
+        values = {}
+        with editor.writer.temporarily(self.unedited):
+            for evaluator in [FactEvaluator("", editor.scoring_batch_size), *self.evaluators]:
+                scores, rows = evaluator.evaluate_cases(editor.model, editor.tokenizer, requests)
+                values.update({prefix + k: float(v) for k, v in scores.items() if not torch.isnan(v)})
+                pl_module.record.write_cases(prefix, "" if isinstance(evaluator, FactEvaluator) else evaluator.name, rows, "after_batch")
         return values
 
     def sample(self, requests: list[EditRequest]) -> list[EditRequest]:

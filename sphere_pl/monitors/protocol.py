@@ -10,6 +10,7 @@ prefix                     population                                      momen
 ``last_batch/``            the batch just edited                           right after its edit
 ``edited_so_far/``         every fact edited so far (or a fixed sample)    at ``facts.every_n_batches`` / ``facts.at_edits``
 ``never_edited/``          held-out facts, never edited                    at the same points
+``pre_edit/edited_so_far/`` the same edited-so-far sample, unedited weights at the same points (``facts.unedited_baseline``)
 ``final/edited/``          every edited fact                               after all edits (``fit`` end, ``validate``)
 ``final/never_edited/``    held-out facts                                  after all edits (``test``)
 ``pre_edit/general/``      general-ability tasks and perplexity            before the first edit
@@ -25,6 +26,7 @@ The README maps the metric names that follow the prefix to the paper's and EasyE
 PRE_EDIT = "pre_edit/to_edit/"
 LAST_BATCH = "last_batch/"
 EDITED_SO_FAR = "edited_so_far/"
+EDITED_SO_FAR_UNEDITED = "pre_edit/edited_so_far/"
 NEVER_EDITED = "never_edited/"
 FINAL_EDITED = "final/edited/"
 FINAL_NEVER_EDITED = "final/never_edited/"

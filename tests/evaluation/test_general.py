@@ -242,6 +242,7 @@ def brute_force(golds, preds, likelihood):
         "f1": weighted_f1(golds, preds),
         "mcc": mcc,
         "f1_likelihood": weighted_f1(golds, likelihood),
+        "acc_likelihood": sum(a == b for a, b in zip(golds, likelihood)) / n,
         "invalid_rate": sum(b == INVALID for b in preds) / n,
     }
 
@@ -436,8 +437,8 @@ def test_binary_update_on_tiny_model(tiny, task_cls):
         assert row[f"nll_{pos}"] == pytest.approx(p) and row[f"nll_{neg}"] == pytest.approx(n)
         assert row["likelihood_prediction"] == int(p < n)
     values = {k: float(v) for k, v in task.compute().items()}
-    assert set(values) == {"acc", "f1", "mcc", "f1_likelihood", "invalid_rate"}
-    assert all(0.0 <= values[k] <= 1.0 for k in ("acc", "f1", "f1_likelihood", "invalid_rate")) and -1.0 <= values["mcc"] <= 1.0
+    assert set(values) == {"acc", "f1", "mcc", "f1_likelihood", "acc_likelihood", "invalid_rate"}
+    assert all(0.0 <= values[k] <= 1.0 for k in ("acc", "f1", "f1_likelihood", "acc_likelihood", "invalid_rate")) and -1.0 <= values["mcc"] <= 1.0
     want = brute_force([i.label for i in items], [r["prediction"] for r in rows], [r["likelihood_prediction"] for r in rows])
     assert values == pytest.approx(want, abs=1e-6)
 

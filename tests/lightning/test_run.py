@@ -762,3 +762,31 @@ def test_cli_fit_logs_to_offline_wandb_and_validate_restores_the_edits(tiny_mode
     # ...which the unedited model does not (the tiny model's edits are small, but far above that tolerance)
     for key in keys:
         assert abs(float(before[key]) - final_rows[0][key]) > 100 * 1e-6 * abs(final_rows[0][key]), key
+
+
+def test_the_unedited_baseline_scores_each_points_sample_on_the_pretrained_weights_and_leaves_the_run_alone(tiny_model_dir, tiny_method, tmp_path):
+    """`facts.unedited_baseline`: at each point, the edited-so-far sample scored on the pretrained weights too
+    (`pre_edit/edited_so_far/`), equal to an independent evaluation of that sample on the model as saved; the run
+    itself (weights, every other metric) is the same as without it."""
+    sample_size = 3
+    runs = {}
+    for baseline in (False, True):
+        editor = SequentialEditor(PretrainedModel(tiny_model_dir), method=tiny_method())
+        facts = FactMonitor(every_n_batches=1, sample_size=sample_size, unedited_baseline=baseline)
+        data = quickstart_data(tmp_path)
+        trainer = make_trainer(tmp_path / f"baseline-{baseline}", logger=csv_logger(tmp_path / f"baseline-{baseline}"), facts=facts)
+        trainer.fit(editor, data)
+        runs[baseline] = (editor, facts, data, logged_rows(trainer))
+    (plain, _, _, plain_rows), (editor, facts, data, rows) = runs[False], runs[True]
+    assert max_abs_diff(edited_weights(editor), edited_weights(plain)) == 0
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    points = [r for r in rows if "pre_edit/edited_so_far/efficacy_score" in r]
+    assert [r["edits"] for r in points] == [4, 8, 12]
+    for row in points:
+        sample = facts.sample(data.edit_requests[: int(row["edits"])])
+        expected = CounterFactEvaluator("pre_edit/edited_so_far/").evaluate(model, tokenizer, sample)
+        assert {k: row[k] for k in expected} == pytest.approx({k: float(v) for k, v in expected.items()}, rel=1e-6, abs=1e-12)
+    def measured(table):  # every edited_so_far, never_edited and HE value, in the order logged
+        return [(k, v) for r in table for k, v in r.items() if k.startswith(("edited_so_far/", "never_edited/", "he/"))]
+
+    assert len(measured(plain_rows)) > 30 and measured(rows) == measured(plain_rows)

@@ -379,3 +379,44 @@ def test_a_study_killed_after_a_variants_last_checkpoint_reports_the_whole_runs_
     assert result.returncode == 0 and "a: resuming from" in result.stdout
     again = next(line for line in (tmp_path / "study" / "report.md").read_text().splitlines() if line.startswith("| a | done |"))
     assert float(again.split("|")[4]) == editing
+
+
+def test_streams_multiply_the_variants_and_pairs_are_compared_stream_by_stream(tmp_path):
+    """Every variant runs on every stream (`<variant>@<stream>`, the stream's overrides under the variant's); the
+    report gives each variant's collapse as mean (range) over the streams, locates it to the batch with the canary
+    rule, and gives each pair's per-stream differences beside the variant's own range across the streams."""
+    from types import SimpleNamespace
+
+    from sphere_pl.commands.study.config import Study, parse
+    from sphere_pl.commands.study.streams import collapse_batch, pair_lines, summary_lines
+    from sphere_pl.monitors.rules import CollapseRule
+
+    (tmp_path / "c.yaml").write_text("{}")
+    config = {"name": "s", "directory": str(tmp_path / "study"), "configs": [str(tmp_path / "c.yaml")],
+              "variants": [{"name": "memit", "overrides": {"data.seed": 9}}, {"name": "memit+sphere"}],
+              "streams": [{"name": "file"}, {"name": "shuffled", "overrides": {"data.shuffle": True, "data.seed": 1}}],
+              "pairs": [["memit", "memit+sphere"]]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(config))
+    study = Study.from_args(parse(["--config", str(tmp_path / "s.yaml")]))
+    assert [v.name for v in study.variants] == ["memit@file", "memit@shuffled", "memit+sphere@file", "memit+sphere@shuffled"]
+    assert study.variants[1].overrides == {"data.shuffle": True, "data.seed": 9} and study.pairs == [("memit", "memit+sphere")]
+
+    rule = CollapseRule([{"metric": "edited_so_far/efficacy_score", "below": 0.5}], 1)
+    canary = CollapseRule([{"metric": "canary/perplexity", "ratio_to_start_above": 2.0}], 2)
+    canaries = [{"edits": 0.0, "canary/perplexity": 10.0}] + [{"edits": 100.0 * b, "canary/perplexity": p} for b, p in enumerate([11, 25, 19, 30, 40], 1)]
+    assert collapse_batch(canary, canaries) == {"edits": 400, "batch": 4, "why": "canary/perplexity 30.000, 3.00x its pre-edit 10.000"}
+
+    def run(name, efficacy, collapse):
+        points = [{"edits": e, "edited_so_far/efficacy_score": v} for e, v in zip((100.0, 200.0, 300.0), efficacy)]
+        return {"variant": name, "points": points, "collapse": {"edits": collapse} if collapse else None,
+                "collapse_generated": None, "collapse_batch": None}
+    results = [run("memit@file", [0.9, 0.7, 0.4], 300), run("memit@shuffled", [0.8, 0.6, 0.6], None),
+               run("memit+sphere@file", [0.95, 0.9, 0.8], None), run("memit+sphere@shuffled", [0.85, 0.62, 0.7], None)]
+    fake = SimpleNamespace(streams=study.streams, pairs=study.pairs, collapse=rule)
+    lines = summary_lines(fake, results)
+    assert "| memit | 300 in 1 of 2 | never in 2 | never in 2 |" in lines and "| memit+sphere | never in 2 | never in 2 | never in 2 |" in lines
+    table = pair_lines(fake, "memit", "memit+sphere", results[:2], results[2:])
+    # at 200 edits: differences +0.20 and +0.02 (same sign), mean +0.11, memit's own range 0.7 - 0.6 = 0.1: exceeds it
+    assert "| 200 | +0.200, +0.020 | +0.110 | 0.100 | yes |" in table
+    # at 300 edits: +0.40 and +0.10, mean +0.25, range 0.2: exceeds; at 100: +0.05 and +0.05, mean 0.05 < range 0.1: not
+    assert "| 300 | +0.400, +0.100 | +0.250 | 0.200 | yes |" in table and "| 100 | +0.050, +0.050 | +0.050 | 0.100 | no |" in table

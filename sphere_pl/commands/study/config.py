@@ -15,6 +15,12 @@ before any edit.
       points_in_a_row: 2
       stop: true                             # end a variant once it has collapsed
     logger: {project: sphere_pl}             # W&B, offline unless credentials: one run per variant, grouped
+    streams:                                 # optional: every variant on every edit order, as <variant>@<stream>
+    - {name: file-order}
+    - {name: shuffle-1, overrides: {data.shuffle: true, data.seed: 1}}
+    pairs: [[memit, memit+sphere]]           # compared stream by stream in the report
+    batch_rule:                              # optional: the rule on the canaries recorded after every batch
+      conditions: [{metric: canary/perplexity, ratio_to_start_above: 2.0}]
 
 The file is read by the study command's jsonargparse parser (`parser()`), so `--print_config` shows
 it and a value on the command line overrides it. Before any edit every variant's whole fit config is
@@ -63,6 +69,33 @@ class Variant:
 
 
 @dataclass
+class Stream:
+    """One order of the edit records: every variant runs on every stream, in `<variant>@<stream>`.
+
+    Args:
+        name: its part of the run's folder name.
+        overrides: dotted settings of this stream (e.g. data.shuffle: true, data.seed: 1).
+    """
+
+    name: str
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class BatchRule:
+    """The collapse rule on the series recorded after every batch (the canaries): names the batch where a
+    collapse starts (the report), beside the evaluation points' rule.
+
+    Args:
+        conditions: the conditions (sphere_pl.monitors.rules), on canary/* metrics.
+        points_in_a_row: collapsed batches in a row that make a collapse.
+    """
+
+    conditions: list[dict]
+    points_in_a_row: int = 2
+
+
+@dataclass
 class Collapse:
     """When a variant has collapsed (the rule language of `sphere_pl.monitors.rules`).
 
@@ -88,6 +121,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--overrides", type=dict, default={}, help="dotted settings every variant shares")
     p.add_argument("--variants", type=list[Variant], required=True, help="the variants")
     p.add_argument("--collapse", type=Collapse | None, default=None, help="the collapse rule, stated before the run")
+    p.add_argument("--batch_rule", type=BatchRule | None, default=None, help="the collapse rule on the per-batch canaries")
+    p.add_argument("--streams", type=list[Stream] | None, default=None, help="edit orders every variant runs on")
+    p.add_argument("--pairs", type=list[list[str]] | None, default=None, help="[variant, its twin] compared on each stream")
     p.add_argument("--logger", type=dict | None, default=None, help="W&B logger settings (AutoWandbLogger)")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these variants (default: all)")
     p.add_argument("--report", action="store_true", help="only rebuild report.md, report.csv and the plots from what is on disk")
@@ -107,6 +143,9 @@ class Study:
     stop: bool
     logger: dict | None
     source: Path
+    batch_rule: CollapseRule | None = None
+    streams: list[Stream] = field(default_factory=list)
+    pairs: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
     def from_args(cls, parsed: Namespace) -> "Study":
@@ -117,8 +156,8 @@ class Study:
             variant = Variant(str(entry.name), list(entry.configs or []), dict(entry.overrides or {}))
             if variant.name in seen:
                 raise StudyConfigError(f"{source}: variant {variant.name!r}: field 'name': two variants are named {variant.name!r}")
-            if not variant.name or "/" in variant.name or variant.name.startswith("."):
-                raise StudyConfigError(f"{source}: variant {variant.name!r}: field 'name': must be a plain folder name")
+            if not variant.name or "/" in variant.name or "@" in variant.name or variant.name.startswith("."):
+                raise StudyConfigError(f"{source}: variant {variant.name!r}: field 'name': must be a plain folder name (no / or @)")
             seen.add(variant.name)
             variant.configs = [str(_resolve(c, base)) for c in variant.configs]
             for c in variant.configs:
@@ -137,7 +176,25 @@ class Study:
                 raise StudyConfigError(str(e)) from None
             stop = bool(parsed.collapse.stop)
         logger = dict(parsed.logger) if parsed.logger else None
-        return cls(str(parsed.name), Path(parsed.directory), configs, dict(parsed.overrides or {}), variants, rule, stop, logger, source)
+        batch_rule = None
+        if parsed.get("batch_rule") is not None:
+            try:
+                batch_rule = CollapseRule(parsed.batch_rule.conditions, parsed.batch_rule.points_in_a_row, f"{source}: batch_rule")
+            except ValueError as e:
+                raise StudyConfigError(str(e)) from None
+        streams = [Stream(str(s.name), dict(s.overrides or {})) for s in parsed.get("streams") or []]
+        bases = [v.name for v in variants]
+        pairs = [tuple(pair) for pair in parsed.get("pairs") or []]
+        for pair in pairs:
+            if len(pair) != 2 or any(name not in bases for name in pair):
+                raise StudyConfigError(f"{source}: field 'pairs': {list(pair)} must name two variants of the study ({', '.join(bases)})")
+        if streams:  # every variant on every stream, a variant's streams one after another
+            names = [s.name for s in streams]
+            if len(set(names)) != len(names) or any(not n or "/" in n or "@" in n for n in names):
+                raise StudyConfigError(f"{source}: field 'streams': names must be distinct plain names, got {names}")
+            variants = [Variant(f"{v.name}@{s.name}", v.configs, {**s.overrides, **v.overrides}) for v in variants for s in streams]
+        return cls(str(parsed.name), Path(parsed.directory), configs, dict(parsed.overrides or {}), variants, rule, stop, logger, source,
+                   batch_rule, streams, pairs)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Study":

@@ -23,6 +23,7 @@ from ...monitors.rules import start_value
 from ...monitors.summary import read_summary
 from ...sphere.analysis import he_metric_correlations, spearman
 from .config import FIT_CONFIG, STATUS, Study
+from .streams import collapse_batch, generated_rule, plot_spread, summary_lines
 
 def variant_rows(directory: Path) -> list[dict]:
     """The rows a variant recorded: from its last checkpoint (also mid-run; read and verified), else its metrics.csv."""
@@ -50,7 +51,7 @@ def seconds_per_edit(directory: Path) -> dict[str, float] | None:
     return {"editing": (sum(seconds.values()) - measuring) / summary["edits"], "measuring": measuring / summary["edits"]}
 
 
-POINT_METRICS = (protocol.LAST_BATCH, protocol.EDITED_SO_FAR, protocol.NEVER_EDITED, protocol.GENERAL)
+POINT_METRICS = (protocol.LAST_BATCH, protocol.EDITED_SO_FAR, protocol.EDITED_SO_FAR_UNEDITED, protocol.NEVER_EDITED, protocol.GENERAL)
 
 
 def write_report(study: Study, rows_by_variant: dict[str, list[dict]] | None = None) -> Path:
@@ -67,12 +68,14 @@ def write_report(study: Study, rows_by_variant: dict[str, list[dict]] | None = N
         summary = read_summary(vdir) or {}
         he = {k.split("/", 1)[1]: v for k, v in (rows[-1] if rows else {}).items() if k.startswith("he_relative/")}
         collapse = study.collapse.first_collapse(rows) if study.collapse else None
+        generated = generated_rule(study.collapse)
         correlations = he_metric_correlations(rows, "he/", POINT_METRICS)
         baseline = _edits_correlations(rows, POINT_METRICS)
         results.append({"variant": variant.name, "status": study.status(variant), "rows": rows, "points": points,
                         "final": summary.get("final", {}), "edits": int(rows[-1]["edits"]) if rows else 0, "he": he,
                         "seconds_per_edit": seconds_per_edit(vdir), "collapse": collapse, "spearman": correlations,
-                        "baseline": baseline})
+                        "baseline": baseline, "collapse_generated": generated.first_collapse(rows) if generated else None,
+                        "collapse_batch": collapse_batch(study.batch_rule, rows)})
     metrics = sorted({k for r in results for row in r["points"] for k in row if k.startswith(POINT_METRICS) and "magnitude" not in k})
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["variant", "edits", *metrics, *sorted({k for r in results for row in r["rows"] for k in row if k.startswith("he_relative/")})])
@@ -83,11 +86,13 @@ def write_report(study: Study, rows_by_variant: dict[str, list[dict]] | None = N
     atomic_write_text(directory / "report.csv", buffer.getvalue())
     atomic_write_text(directory / "report.md", _markdown(study, results, metrics))
     _plots(results, metrics, directory)
+    if study.streams and study.collapse:
+        plot_spread(results, list(dict.fromkeys(c["metric"] for c in study.collapse.conditions)), directory / "streams.png", _write_figure)
     return directory / "report.md"
 
 
 RUN_FILES = ("summary.json", "he_analysis.json", FIT_CONFIG)
-REPORT_FILES = ("report.md", "report.csv", "he.png", "metrics.png")
+REPORT_FILES = ("report.md", "report.csv", "he.png", "metrics.png", "streams.png")
 
 
 def export(study: Study, target: Path) -> Path:
@@ -151,15 +156,22 @@ def _markdown(study: Study, results: list[dict], metrics: list[str]) -> str:
     rule = study.collapse.describe() if study.collapse else "none stated"
     lines = [f"# Study {study.name}", "", f"Collapse rule: {rule}.", "",
              "Seconds per edit: the editing phases, and the measuring ones (evaluations, HE, guard) beside them; set-up and statistics excluded.", "",
-             "| variant | status | edits | s per edit: editing | measuring | " + " | ".join(m for m in metrics) + " | mean ΔHE/HE | collapsed at | guard |",
-             "|---|---|---:|---:|---:|" + "---:|" * len(metrics) + "---:|---|---|"]
+             "| variant | status | edits | s per edit: editing | measuring | " + " | ".join(m for m in metrics)
+             + " | mean ΔHE/HE | collapsed at | under generated efficacy | batch (canaries) | guard |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(metrics) + "---:|---|---|---|---|"]
     for r in results:
         last = r["points"][-1] if r["points"] else {}
         he = sum(r["he"].values()) / len(r["he"]) if r["he"] else math.nan
         sec = f"{r['seconds_per_edit']['editing']:.2f} | {r['seconds_per_edit']['measuring']:.2f}" if r["seconds_per_edit"] else "– | –"
         collapsed = f"{r['collapse']['edits']} edits ({r['collapse']['why']})" if r["collapse"] else f"none by {r['edits']}"
+        generated = f"{r['collapse_generated']['edits']} edits" if r["collapse_generated"] else ("–" if not study.collapse else f"none by {r['edits']}")
+        batch = (f"batch {r['collapse_batch']['batch']} ({r['collapse_batch']['edits']} edits: {r['collapse_batch']['why']})"
+                 if r["collapse_batch"] else ("–" if study.batch_rule is None else f"none by {r['edits']}"))
         lines.append(f"| {r['variant']} | {r['status']['status']} | {r['edits']} | {sec} | "
-                     + " | ".join(_fmt(last.get(m)) for m in metrics) + f" | {_fmt(he, '.3e')} | {collapsed} | {_guard(r['rows'])} |")
+                     + " | ".join(_fmt(last.get(m)) for m in metrics) + f" | {_fmt(he, '.3e')} | {collapsed} | {generated} | {batch} | {_guard(r['rows'])} |")
+    if study.batch_rule is not None:
+        lines += ["", f"Batch rule (on the series recorded after every batch): {study.batch_rule.describe().replace('evaluation point', 'batch')}."]
+    lines += summary_lines(study, results)
     lines += _side_by_side(study, results)
     lines += ["", "## At every evaluation point", "",
               "At 0 edits: the unedited model; edited_so_far there scores the facts to be edited, before their edits.", ""]
@@ -242,7 +254,7 @@ def _plots(results: list[dict], metrics: list[str], directory: Path) -> None:
             ax.set_xlabel("edits")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
-        atomic_write(directory / "he.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        _write_figure(directory / "he.png", fig)
         plt.close(fig)
     if metrics:
         cols = min(3, len(metrics))
@@ -260,8 +272,12 @@ def _plots(results: list[dict], metrics: list[str], directory: Path) -> None:
             ax.axis("off")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
-        atomic_write(directory / "metrics.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        _write_figure(directory / "metrics.png", fig)
         plt.close(fig)
+
+
+def _write_figure(path: Path, figure) -> None:
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 
 
 def _copy(source: Path, target: Path) -> None:

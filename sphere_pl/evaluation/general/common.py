@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric, MetricCollection
-from torchmetrics.classification import MulticlassF1Score, MulticlassMatthewsCorrCoef
+from torchmetrics.classification import BinaryAccuracy, MulticlassF1Score, MulticlassMatthewsCorrCoef
 
 from ...errors import SettingsError
 from ..base import EvalDataError, Evaluator, check_on_bad_record
@@ -99,13 +99,16 @@ class InvalidRate(_AnswerCounts):
 
 
 def binary_answer_metrics() -> MetricCollection:
-    """acc, f1 (weighted, invalid as its own label), mcc, f1_likelihood and invalid_rate."""
+    """acc, f1 (weighted, invalid as its own label), mcc, invalid_rate of the generated answers; f1_likelihood
+    and acc_likelihood of the likelihood-scored ones (the more likely of the two answer words: never invalid,
+    so a small model that does not follow the answer format still shows what it knows)."""
     return MetricCollection(
         {
             "acc": ValidAccuracy(),
             "f1": MulticlassF1Score(num_classes=3, average="weighted"),
             "mcc": MulticlassMatthewsCorrCoef(num_classes=3),
             "f1_likelihood": MulticlassF1Score(num_classes=2, average="weighted"),
+            "acc_likelihood": BinaryAccuracy(),
             "invalid_rate": InvalidRate(),
         },
         compute_groups=False,
@@ -120,6 +123,7 @@ def update_binary_answer_metrics(metrics: MetricCollection, preds: Tensor, likel
     metrics["f1"].update(classes, target)
     metrics["mcc"].update(classes, target)
     metrics["f1_likelihood"].update(likelihood_preds, target)
+    metrics["acc_likelihood"].update(likelihood_preds, target)
 
 
 def mean_metric() -> MeanMetric:
