@@ -23,7 +23,7 @@ from ...monitors.rules import start_value
 from ...monitors.summary import read_summary
 from ...sphere.analysis import he_metric_correlations, spearman
 from .config import FIT_CONFIG, STATUS, Study
-from .streams import collapse_batch, generated_rule, plot_spread, summary_lines
+from .streams import GENERATED, collapse_batch, generated_rule, plot_spread, summary_lines
 
 def variant_rows(directory: Path) -> list[dict]:
     """The rows a variant recorded: from its last checkpoint (also mid-run; read and verified), else its metrics.csv."""
@@ -164,7 +164,8 @@ def _markdown(study: Study, results: list[dict], metrics: list[str]) -> str:
         he = sum(r["he"].values()) / len(r["he"]) if r["he"] else math.nan
         sec = f"{r['seconds_per_edit']['editing']:.2f} | {r['seconds_per_edit']['measuring']:.2f}" if r["seconds_per_edit"] else "– | –"
         collapsed = f"{r['collapse']['edits']} edits ({r['collapse']['why']})" if r["collapse"] else f"none by {r['edits']}"
-        generated = f"{r['collapse_generated']['edits']} edits" if r["collapse_generated"] else ("–" if not study.collapse else f"none by {r['edits']}")
+        measured = study.collapse is not None and any(GENERATED in row for row in r["rows"])
+        generated = f"{r['collapse_generated']['edits']} edits" if r["collapse_generated"] else (f"none by {r['edits']}" if measured else "–")
         batch = (f"batch {r['collapse_batch']['batch']} ({r['collapse_batch']['edits']} edits: {r['collapse_batch']['why']})"
                  if r["collapse_batch"] else ("–" if study.batch_rule is None else f"none by {r['edits']}"))
         lines.append(f"| {r['variant']} | {r['status']['status']} | {r['edits']} | {sec} | "
