@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 17, one command of at most ~8 minutes on a GPU machine with PyTorch,
+# The GPU check of issues 17 and 31, one command of at most ~8 minutes on a GPU machine with PyTorch,
 # transformers and Lightning, no network and no hub. Every figure goes under $OUT.
 #   here:   bash scripts/gpu_prepare.sh                      (tokenizer and wheels into .gpu/)
 #   there:  bash scripts/gpu_check.sh                        (device tool: run, carry [".gpu"], timeout_s 540)
@@ -31,8 +31,10 @@ step() {  # name, seconds, command...: its output to $OUT/name.log, the tail to 
 EDIT="python3 benchmarks/edit_speed.py --tokenizer $TOK --data counterfact --hparams paper --batch 100"
 step cuda_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step llama3_auto 160 $EDIT --random-init llama3-8b --dtype bfloat16 --edits 100 --nullspace-threshold 1e9
-step llama3_20_per_pass 90 $EDIT --random-init llama3-8b --dtype bfloat16 --edits 100 --nullspace-threshold 1e9 --requests-per-pass 20 --recompute no
+# issue 31: the same edits with accelerate's dispatch, at most 10 GiB on the GPU (LLaMA3-8B's upper blocks in CPU memory,
+# run on the GPU through the hooks): seconds per edit and peak GPU memory beside llama3_auto's. (The GPU/CPU split's
+# exactness, edited weights equal to all-on-GPU, is tests/test_cuda.py's last test.)
+step llama3_offload 150 $EDIT --random-init llama3-8b --dtype bfloat16 --edits 100 --nullspace-threshold 1e9 --max-memory-gb 10
 step smollm2_auto 40 $EDIT --random-init smollm2-135m --edits 200
-step smollm2_20_per_pass 40 $EDIT --random-init smollm2-135m --edits 200 --requests-per-pass 20 --recompute no
 step llama3_stats 50 python3 benchmarks/stats_speed.py --random-init llama3-8b --dtype bfloat16 --tokenizer $TOK --samples 256 --batch-size 32
 echo "total $SECONDS s; logs in $OUT"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import SettingsError, SpherePLError
+from .placement import check_map_covers, check_placement, named_weights
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -155,16 +156,19 @@ def _looks_like_path(name: str) -> bool:
 
 
 def load_model_and_tokenizer(
-    name_or_path: str | None = None, dtype: str = "float32", gguf_file: str | None = None, trust_remote_code: bool = False
+    name_or_path: str | None = None, dtype: str = "float32", gguf_file: str | None = None, trust_remote_code: bool = False,
+    device_map: str | dict | None = None, max_memory: dict | None = None, offload_folder: str | None = None,
 ):
     """A Hugging Face causal LM and its tokenizer, by hub name or local path.
 
     `None` or `EMBEDDED_MODEL` loads the offline SmolLM2-135M-Instruct (GGUF, dequantised).
     The tokenizer pads on the right and always has a pad token. A repository's own code
-    runs only with `trust_remote_code=True`.
+    runs only with `trust_remote_code=True`. `device_map`, `max_memory` and `offload_folder`
+    dispatch the model with accelerate (`sphere_pl.placement`); without them nothing changes.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_placement(device_map, max_memory, offload_folder)
     kwargs = {"trust_remote_code": trust_remote_code}
     if name_or_path in (None, "", EMBEDDED_MODEL):
         name_or_path, gguf_file = embedded_model_path()
@@ -179,10 +183,33 @@ def load_model_and_tokenizer(
     if os.path.isdir(local) and not gguf_file and not os.path.isfile(os.path.join(local, "config.json")):
         raise ModelLoadError(f"{name_or_path} is a directory without config.json: not a saved Hugging Face model")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=parse_dtype(dtype), **kwargs)
+    dispatch = {}
+    if device_map is not None:
+        if isinstance(device_map, dict):
+            _check_map_covers_model(name_or_path, device_map, kwargs)
+        dispatch = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=parse_dtype(dtype), **kwargs, **dispatch)
+    except (ValueError, RuntimeError) as e:
+        if not dispatch:
+            raise
+        shown = device_map if isinstance(device_map, str) else f"a map of {len(device_map)} entries"
+        raise ModelLoadError(f"{name_or_path}: the model could not be dispatched with model.model.device_map ({shown}), "
+                             f"max_memory={max_memory!r}: {str(e).splitlines()[0]}") from e
     prepare_tokenizer(tokenizer)
     model.eval()
     return model, tokenizer
+
+
+def _check_map_covers_model(name_or_path, device_map: dict, kwargs: dict) -> None:
+    """An explicit map must give every parameter a device: checked on the model's skeleton (no weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=kwargs.get("trust_remote_code", False))
+    check_map_covers([name for name, _ in skeleton.named_parameters()], device_map)
 
 
 class PretrainedModel:
@@ -199,12 +226,19 @@ class PretrainedModel:
         gguf_file: GGUF file inside `name_or_path`, if the weights are in that format.
         trust_remote_code: let transformers run the model repository's own code (off unless set).
         module_templates: override module names ({} = layer index): down_proj, layer, layers, final_norm, lm_head.
+        device_map: accelerate's placement of a model larger than one device: `auto`, `balanced`,
+            `balanced_low_0`, `sequential` or a {module: device} map (devices: cuda:N, cpu, disk).
+        max_memory: {device: "20GiB"} caps for the strategies (accelerate's `max_memory`).
+        offload_folder: where blocks offloaded to disk keep their weights.
     """
 
     def __init__(self, name_or_path: str | None = None, dtype: str = "float32", gguf_file: str | None = None,
-                 trust_remote_code: bool = False, module_templates: dict[str, str] | None = None):
-        model, tokenizer = load_model_and_tokenizer(name_or_path, dtype, gguf_file, trust_remote_code)
+                 trust_remote_code: bool = False, module_templates: dict[str, str] | None = None,
+                 device_map: str | dict | None = None, max_memory: dict | None = None, offload_folder: str | None = None):
+        model, tokenizer = load_model_and_tokenizer(name_or_path, dtype, gguf_file, trust_remote_code, device_map, max_memory, offload_folder)
         self._describe(model, tokenizer, name_or_path, dtype, gguf_file, trust_remote_code, module_templates)
+        self.placement = {k: v for k, v in (("device_map", device_map), ("max_memory", max_memory), ("offload_folder", offload_folder))
+                          if v is not None}
 
     @classmethod
     def wrap(cls, model: nn.Module, tokenizer, name_or_path: str | None = None, dtype: str = "float32", gguf_file: str | None = None,
@@ -218,12 +252,14 @@ class PretrainedModel:
     def from_settings(cls, settings: dict) -> "PretrainedModel":
         """Load the model a checkpoint's or patch's `settings()` describe."""
         return cls(settings.get("model_name_or_path"), settings.get("dtype", "float32"), settings.get("gguf_file"),
-                   settings.get("trust_remote_code", False), settings.get("module_templates"))
+                   settings.get("trust_remote_code", False), settings.get("module_templates"),
+                   settings.get("device_map"), settings.get("max_memory"), settings.get("offload_folder"))
 
     def _describe(self, model, tokenizer, name_or_path, dtype, gguf_file, trust_remote_code, module_templates) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.name_or_path, self.dtype, self.gguf_file = name_or_path, dtype, gguf_file
         self.trust_remote_code, self.module_templates = trust_remote_code, module_templates
+        self.placement = {}  # device_map, max_memory, offload_folder where the model was dispatched
 
     @property
     def model_id(self) -> str:
@@ -233,7 +269,8 @@ class PretrainedModel:
     def settings(self) -> dict:
         """How to load it again (the keys checkpoints have always recorded)."""
         return dict(model_name_or_path=self.name_or_path, gguf_file=self.gguf_file, dtype=self.dtype,
-                    trust_remote_code=self.trust_remote_code, module_templates=self.module_templates)
+                    trust_remote_code=self.trust_remote_code, module_templates=self.module_templates,
+                    **self.placement)  # only when dispatched: a single-device run records what it always did
 
 
 def prepare_tokenizer(tokenizer):
@@ -252,7 +289,7 @@ def weights_fingerprint(model: nn.Module, keep: Callable[[str], bool] = lambda n
     weights changed under the same path, apart from the one a file was made for.
     """
     digest = hashlib.sha256()
-    for name, param in model.named_parameters():
+    for name, param in named_weights(model):  # offloaded weights from accelerate's store
         if not keep(name):
             continue
         flat = param.detach().reshape(-1)

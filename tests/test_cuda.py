@@ -212,3 +212,23 @@ def test_auto_settings_on_the_gpu_run_a_batch_in_one_pass_and_the_bfloat16_searc
     assert logged(trainer, "edit/recompute_activations") == [0.0] * NUM_BATCHES
     change = largest_change(gpu_run[0], tiny_model_dir)
     assert max_abs_diff(weights(editor), weights(gpu_run[0])) <= 0.1 * change
+
+
+def test_a_model_split_between_the_gpu_and_offloaded_cpu_blocks_edits_as_all_on_the_gpu(tiny_model_dir, stats_cache):
+    """accelerate's dispatch: blocks 0 and 3 kept on the CPU and run on the GPU through their hooks, the edited
+    blocks 1 and 2 on the GPU; the edited weights equal those of the same edits with everything on the GPU."""
+    from sphere_pl import Editor
+    from sphere_pl.data.readers import QUICKSTART_PATH, load_edit_requests
+    from sphere_pl.models import linear_weight
+
+    requests = load_edit_requests(str(QUICKSTART_PATH))[:NUM_EDITS]
+    results = []
+    for device_map in ({"": 0}, {"model.embed_tokens": 0, "model.layers.0": "cpu", "model.layers.1": 0, "model.layers.2": 0,
+                                 "model.layers.3": "cpu", "model.norm": 0, "model.rotary_emb": 0, "lm_head": "cpu"}):
+        model, tok = load_model_and_tokenizer(tiny_model_dir, device_map=device_map)
+        editor = Editor(model, tok, make_method(stats_cache), [], model_id=tiny_model_dir)
+        editor.apply(requests)
+        results.append({name: linear_weight(model.get_submodule(name)).detach().cpu() for name in EDITED})
+        assert all(model.get_submodule(name).weight.device.type == "cuda" for name in EDITED)
+    for name in EDITED:
+        assert torch.equal(results[0][name], results[1][name]), name

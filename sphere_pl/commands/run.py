@@ -20,6 +20,7 @@ from ..files.checkpoint import CheckpointFormatError, is_safetensors_checkpoint
 from ..lightning import EditCheckpoint, EditDataModule, EditingStrategy, EditProgress, RunLock, SequentialEditor
 from ..lightning.checkpoint import check_not_another_run
 from ..lightning.loggers import AutoWandbLogger
+from ..placement import is_dispatched
 from ..monitors import (CollapseGuard, CollapseStop, FactMonitor, GeneralAbilityMonitor, HEAnalysis, HypersphericalEnergyMonitor,
                         PerplexityCanary, RunHeader, RunSummary, SpecificityCanary)
 
@@ -110,10 +111,20 @@ class SphereCLI(LightningCLI):
         check_not_another_run(directory, self.config["fit"].get("ckpt_path"))
 
     def before_validate(self) -> None:
+        self._refuse_ddp_with_a_dispatched_model()
         self._apply_patch("validate")
 
     def before_test(self) -> None:
+        self._refuse_ddp_with_a_dispatched_model()
         self._apply_patch("test")
+
+    def _refuse_ddp_with_a_dispatched_model(self) -> None:
+        """Every DDP process would load the whole model and dispatch it over the same devices (the map names
+        devices, not ranks), and DDP then moves each copy to its rank's device, undoing the map."""
+        if self.trainer.world_size > 1 and is_dispatched(self.model.model):
+            raise CommandLineError(
+                f"--trainer.strategy ddp with model.model.device_map: each of the {self.trainer.world_size} processes would "
+                "dispatch the whole model over the same devices; evaluate a dispatched model in one process (no ddp strategy)")
 
     def _apply_patch(self, subcommand: str) -> None:
         patch = self.config[subcommand].get("patch")

@@ -26,6 +26,7 @@ from ..data.records import EditDataError, EditRequest
 from ..errors import SettingsError, SpherePLError
 from ..evaluation.facts import FactEvaluator
 from ..models import has_module, linear_weight, prepare_tokenizer, resolve_templates, tensors_digest
+from ..placement import check_edited_weights
 from .lm import LoadedModel
 from .methods.base import EditMethod, create_method
 from .patch import ModuleChange, Patch, PatchError, base_fingerprint, edited_digest
@@ -102,6 +103,7 @@ class Editor:
                 f"{self.method.name} edits {missing}, which the model does not have: it has {count} layers "
                 f"(indices 0..{count - 1 if isinstance(count, int) else '?'}); set the method's layers (or layer) to existing indices"
             )
+        check_edited_weights(model, self.edited_modules)  # a dispatched model's edited weights must be on a device
         self.base_fingerprint = base_fingerprint(model, self.edited_modules)
         self.base_digest = edited_digest(model, self.edited_modules)
         self.history_size = history_size

@@ -13,6 +13,7 @@ from einops import rearrange
 
 from ..errors import SettingsError
 from ..models import ModuleTemplates
+from ..placement import input_device
 from ..data.records import EditRequest
 from ..tracing import capture, run_from_layer, token_positions, tokenize
 
@@ -25,7 +26,7 @@ def generate_context_templates(model, tokenizer, num_tokens: int = 10, prefixes=
 
     Braces in generated text are blanked so the result stays a valid template.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     generated = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -76,7 +77,7 @@ class KeyReader:
             raise SettingsError("the first context template must be '{}' (the bare prompt)")
         self.model, self.templates, self.from_layer = model, templates, from_layer
         self.n, self.context_groups = len(requests), context_groups
-        device = next(model.parameters()).device
+        device = input_device(model)
         prompts = contextual_prompts(requests, context_groups)
         positions = token_positions(tokenizer, prompts)
         texts = [t.replace("{}", s) for t, s in prompts]

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..heap import trim_heap
 from ..models import ModuleTemplates
+from ..placement import input_device
 
 
 class PhaseTimer:
@@ -64,7 +65,7 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return input_device(self.model)
 
     @property
     def max_length(self) -> int | None:

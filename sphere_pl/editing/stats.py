@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..errors import SettingsError, SpherePLError
 from ..files import atomic_write, load_checkpoint_file, save_checkpoint_file
 from ..models import ModuleTemplates, linear_weight, weights_fingerprint
+from ..placement import input_device
 from ..tracing import capture
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,7 @@ def accumulate_moments(
     """
     rank, world = _rank_and_world()
     log.info("computing key statistics for layers %s over %s (%d x %d tokens, %d process(es))", layers, cfg.corpus, cfg.num_samples, cfg.seq_len, world)
-    device = next(model.parameters()).device
+    device = input_device(model)
     dtype = ACCUMULATE_DTYPES[cfg.accumulate_dtype]
     names = {layer: templates.down_proj_at(layer) for layer in layers}
     d_in = {layer: _in_features(model, names[layer]) for layer in layers}

@@ -40,6 +40,7 @@ from torch import nn
 from ..errors import SettingsError
 from ..heap import trim_heap
 from ..models import ModuleTemplates
+from ..placement import input_device
 from ..data.records import EditRequest
 from ..tracing import SuffixRunner, capture, pad_id_lists, token_positions
 from .keys import fill
@@ -288,7 +289,7 @@ def optimize_values(
     order = pass_order(tokenizer, requests)
     contexts = [c for g in context_groups for c in g]
     tokens = [_tokenize_request(tokenizer, requests[i], contexts) for i in order]
-    device = next(model.parameters()).device
+    device = input_device(model)
     blocks = lower_precision_blocks(model, templates, layer + 1, loss_layer + 1, hp.compute_dtype)
     if hp.is_auto and budget is None:
         budget = memory_budget(device, hp.memory_budget_gb)
@@ -336,7 +337,7 @@ def check_value_memory(
     `auto`, the smallest pass the planner may choose): `ValueMemoryError` names it and the bytes it needs."""
     loss_layer = _check_layers(model, templates, layer, hp)
     contexts = [c for g in context_groups for c in g]
-    device = next(model.parameters()).device
+    device = input_device(model)
     lower = hp.compute_dtype == "bfloat16" and next(model.parameters()).dtype not in (torch.bfloat16, torch.float16)
     shapes = {r.case_id: _tokenize_request(tokenizer, r, contexts).shape() for r in requests}
     # the request with the most tokens in its pass is the one that needs the most memory
@@ -384,6 +385,10 @@ def lower_precision_blocks(model, templates: ModuleTemplates, start: int, stop: 
     blocks = list(model.get_submodule(templates.layers))[start:stop]
     if next(model.parameters()).dtype in (torch.bfloat16, torch.float16):
         return None
+    offloaded = [start + i for i, b in enumerate(blocks) if any(p.device.type == "meta" for p in b.parameters())]
+    if offloaded:  # a copy would hold in memory what the device map keeps out of it
+        raise SettingsError(f"values.compute_dtype = 'bfloat16' copies the blocks above the edited layer, and model.model.device_map "
+                            f"offloads blocks {offloaded}: use compute_dtype float32 with offloaded blocks")
     key = (start, stop, tuple((p.data_ptr(), p._version) for b in blocks for p in b.parameters()))
     cached = _LOWER_PRECISION.get(model)
     if cached is not None and cached[0] == key:
@@ -454,7 +459,7 @@ def _optimize_group(
 ):
     """`optimize_values` for one pass of requests, all optimised in the same forward and backward passes.
     `blocks`: lower-precision copies of the upper blocks to run instead of the model's."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     lm_head = model.get_submodule(templates.lm_head)
     p = _build_problem(requests, pad_id, device)
     n = p.num_requests

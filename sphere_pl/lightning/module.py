@@ -22,6 +22,7 @@ from ..editing.methods.base import EditMethod, create_method
 from ..editing.patch import Patch, PatchError
 from ..filters import DeltaFilter
 from ..models import PretrainedModel
+from ..placement import is_dispatched
 from ..sphere.projection import SphereProjection
 from . import state
 from .record import RunRecord
@@ -100,7 +101,8 @@ class SequentialEditor(L.LightningModule):
             self.editor.check_requests(requests + list(datamodule.holdout_requests))
         if self._trainer is not None:  # Lightning moves the module only after setup(): C0 and the projectors belong on the GPU
             self.record.attach(self.trainer)
-            self.to(self.trainer.strategy.root_device)
+            if not is_dispatched(self.model):  # a dispatched model stays where accelerate placed its blocks
+                self.to(self.trainer.strategy.root_device)
         self.editor.prepare()  # validate/test too: a method may evaluate weights derived from the pretrained ones
         if requests:
             self.editor.check_fits(requests)  # e.g. the value search's memory, now that it is measured

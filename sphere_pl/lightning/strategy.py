@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from ..errors import SettingsError
+from ..placement import is_dispatched
 
 
 class EditingStrategy(SingleDeviceStrategy):
@@ -45,6 +46,14 @@ class EditingStrategy(SingleDeviceStrategy):
         self._devices = list(devices)
         if self._chosen_by_trainer:
             self._root_device = devices[0]
+
+    def model_to_device(self) -> None:
+        # a model dispatched by accelerate (model.model.device_map) is where accelerate put it, block by
+        # block; moving it would undo the map (and fails on offloaded blocks, which hold no data)
+        module = self.lightning_module
+        if module is not None and is_dispatched(getattr(module, "model", module)):
+            return
+        super().model_to_device()
 
     def teardown(self) -> None:
         if self.to_cpu_at_end:

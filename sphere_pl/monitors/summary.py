@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from ..lightning.record import METRICS, SUMMARY
+from ..placement import describe as placement_lines, placement, weight_location
 from . import protocol
 
 
@@ -49,6 +50,9 @@ class RunSummary(L.Callback):
             "seconds": {k: round(v, 3) for k, v in editor.timer.seconds.items()},
             "machine": machine(),
         }
+        if placement(editor.model):
+            summary["placement"] = {"blocks": placement(editor.model),
+                                     "edited": {name: weight_location(editor.model, name) for name in editor.edited_modules}}
         precision = getattr(editor.method, "precision", None)
         if precision is not None:
             summary["precision"] = precision.as_dict()  # what the value search multiplied in, and the rates measured
@@ -86,6 +90,7 @@ def format_header(pl_module, datamodule) -> str:
     values = settings.get("values")
     how = f"; value search {values['num_grad_steps']} steps, lr {values['lr']}, clamp {values['clamp_norm_factor']}, weight decay {values['weight_decay']}" if values else ""
     lines.append(f"  method   {method.name} on layers {list(method.layers)}{how}")
+    lines += [f"  {line}" for line in placement_lines(editor.model, editor.edited_modules)]  # a dispatched model: where each block is
     filters = ", ".join(f"{f['name']}({', '.join(f'{k} {v}' for k, v in f.items() if k != 'name')})" for f in editor.settings()["filters"]) or "none"
     lines.append(f"  filters  {filters}")
     if datamodule is not None and getattr(datamodule, "edit_requests", None):
