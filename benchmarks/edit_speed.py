@@ -5,6 +5,7 @@
     python benchmarks/edit_speed.py --fresh-stats        # also time the key statistics (empty cache)
     python benchmarks/edit_speed.py --hparams paper --data counterfact   # the paper's LLaMA3-8B settings, real CounterFact
     python benchmarks/edit_speed.py --method memit --batch 20 --edits 40 --data counterfact   # any registered method
+    python benchmarks/edit_speed.py --method ultraedit --batch 100 --edits 200 --data counterfact --no-sphere   # UltraEdit as in configs/smollm2/ultraedit.yaml
     python benchmarks/edit_speed.py --malloc-peak        # also the peak of malloc'd bytes, beside the RSS (glibc)
     python benchmarks/edit_speed.py --random-init llama3-8b --dtype bfloat16 --batch 100 --edits 200 \
         --tokenizer DIR --data counterfact --hparams paper  # LLaMA3-8B's shapes, random weights (timing only; GPU)
@@ -47,7 +48,8 @@ HPARAMS = {
     "quickstart": dict(lr=0.5, clamp_norm_factor=4.0, weight_decay=1e-3),
     "paper": dict(lr=0.1, clamp_norm_factor=0.75, weight_decay=0.5),
 }
-PHASES = ["statistics", "value_optimisation", "keys", "solve", "projection", "he", "evaluation"]
+PHASES = ["statistics", "value_optimisation", "norm_anchor", "warmup", "keys", "solve", "projection", "he", "evaluation"]
+EDITING = ("value_optimisation", "norm_anchor", "keys", "solve", "projection")  # the editing phases (warmup: once per run)
 
 
 def peak_rss_gb() -> float:
@@ -212,7 +214,8 @@ def main() -> None:
     parser.add_argument("--fresh-stats", action="store_true", help="compute key statistics into an empty cache")
     parser.add_argument("--stats-samples", type=int, default=200)
     parser.add_argument("--hparams", choices=sorted(HPARAMS), default="quickstart", help="value-optimisation settings")
-    parser.add_argument("--method", default="alphaedit", help="a registered method (alphaedit, memit, rect, prune, rome, ft)")
+    parser.add_argument("--method", default="alphaedit", help="a registered method (alphaedit, memit, rect, prune, rome, ft, ultraedit)")
+    parser.add_argument("--no-sphere", action="store_true", help="no SphereProjection filter (the method's update alone)")
     parser.add_argument("--data", default="quickstart", help="quickstart, or 'counterfact' for real CounterFact records (../shared/data)")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="edited layers (default: the method's, 4-8)")
     parser.add_argument("--nullspace-threshold", type=float, default=None,
@@ -222,6 +225,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="the model's dtype (float32, bfloat16, float16)")
     parser.add_argument("--random-init", metavar="CONFIG", default=None,
                         help="random weights with this architecture (benchmarks/configs name or config.json), built on the run's device")
+    parser.add_argument("--max-memory-gb", type=float, default=None,
+                        help="with --random-init on a GPU: dispatch with accelerate, at most this much on the GPU (the rest of the blocks in CPU memory)")
     parser.add_argument("--tokenizer", default=None, help="with --random-init: a tokenizer directory (default: the embedded SmolLM2's)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the Trainer's accelerator="auto" picks the same
@@ -233,6 +238,9 @@ def main() -> None:
     stats = KeyStatistics(corpus=str(CORPUS), num_samples=args.stats_samples, seq_len=256, cache_dir=cache)
     if args.method == "ft":  # one down_proj (LLaMA3: layer 21 of 32; SmolLM2: 20 of 30), no statistics
         kwargs = dict(layer=20, num_steps=args.steps)
+    elif args.method == "ultraedit":  # configs/smollm2/ultraedit.yaml's settings (no value search, no key statistics)
+        kwargs = dict(targets={"mlp.down_proj": args.layers or [10, 11, 21, 22, 26, 27, 28]}, lr=1e-3, ridge=10.0, mini_batch=10,
+                      variance="exact", whitening="full", warmup_source=str(COUNTERFACT), warmup_records=1000)
     elif args.method == "rome":
         kwargs = dict(layer=5, values=values, stats=stats)
     else:
@@ -246,11 +254,12 @@ def main() -> None:
     if args.random_init:
         from random_model import build_random_model
 
-        model, tokenizer = build_random_model(args.random_init, args.tokenizer, args.dtype, device)
+        model, tokenizer = build_random_model(args.random_init, args.tokenizer, args.dtype, device, args.max_memory_gb)
         pretrained = PretrainedModel.wrap(model, tokenizer, f"random:{args.random_init}", args.dtype)
     else:
         pretrained = PretrainedModel(args.model, args.dtype)
-    editor = SequentialEditor(pretrained, method=method, filters=[SphereProjection(0.5, method.sphere_strength)])
+    filters = [] if args.no_sphere else [SphereProjection(0.5, method.sphere_strength)]
+    editor = SequentialEditor(pretrained, method=method, filters=filters)
     load_s = time.perf_counter() - start
     peaks = PeakByPhase()
     editor.editor.lm.timer.observers.append(peaks)
@@ -301,6 +310,7 @@ def main() -> None:
     print(f"{'phase':<22}{'s/edit':>10}")
     for p in PHASES[1:]:
         print(f"{p:<22}{seconds.get(p, 0.0) / n:>10.3f}")
+    print(f"{'editing phases':<22}{sum(seconds.get(p, 0.0) for p in EDITING) / n:>10.3f}   ({' + '.join(EDITING)})")
     print(f"{'other (loop, logging)':<22}{(per_edit - sum(seconds.values())) / n:>10.3f}")
     print(f"{'total per edit':<22}{per_edit / n:>10.3f}   (excluding the one-off set-up)")
     print(f"{'with set-up amortised':<22}{total / n:>10.3f}   (over these {n} edits, with the end of fit)")
