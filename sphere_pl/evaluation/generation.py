@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import SettingsError
+from ..placement import input_device
 
 
 @torch.no_grad()
@@ -41,7 +42,7 @@ def generate_continuations(
     prompts = list(prompts)
     if not prompts:
         return []
-    device = next(model.parameters()).device
+    device = input_device(model)
     encoded = [tokenizer(p).input_ids for p in prompts]
     for prompt, ids in zip(prompts, encoded):
         if not ids:

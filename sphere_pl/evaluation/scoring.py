@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..tracing import pad_id_lists
+from ..placement import input_device
 
 
 def _encode(tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> list[tuple[list[int], list[int]]]:
@@ -80,7 +81,7 @@ def score_targets(model: nn.Module, tokenizer, prompts: Sequence[str], targets: 
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     out_dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
     nll = torch.empty(len(prompts), dtype=out_dtype, device=device)
     accuracy = torch.empty(len(prompts), dtype=out_dtype, device=device)

@@ -21,6 +21,7 @@ from ..evaluation.scoring import compare_targets
 from . import protocol
 from .cache import PerWeights
 from .schedule import Schedule
+from ..placement import input_device
 
 PERPLEXITY, SPECIFICITY = protocol.CANARY + "perplexity", protocol.CANARY + "specificity"
 
@@ -88,7 +89,7 @@ class PerplexityCanary(_Canary):
     def _measure(self, trainer, pl_module) -> float:
         editor = pl_module.editor
         with editor.evaluation_weights():
-            device = next(editor.model.parameters()).device
+            device = input_device(editor.model)
             sums = window_nll(editor.model, torch.tensor(self._tokens, device=device))
         return float(torch.exp(sums.double().sum() / (len(self._tokens) * (self.seq_len - 1))))
 

@@ -109,3 +109,32 @@ def test_max_memory_too_small_for_the_edited_layers_is_refused_naming_the_settin
     model, tok = load_model_and_tokenizer(tiny_model_dir, device_map="auto", max_memory={"cpu": 1}, offload_folder=str(tmp_path / "o"))
     with pytest.raises(SettingsError, match="raise model.model.max_memory"):
         Editor(model, tok, method("memit", str(tmp_path / "c0")), [], model_id=tiny_model_dir)
+
+
+def test_every_evaluation_runs_with_the_input_embedding_itself_offloaded(tiny_model_dir, tmp_path):
+    """With the embedding on disk its parameter is on `meta`: inputs must go where its hook runs it, not
+    to the first parameter's device. Every general task, generated efficacy and the fact scores
+    through such a model give what the whole model gives."""
+    from conftest import SHARED_DATA
+    from sphere_pl.evaluation.general import ClosedQATask, NLITask, OpenQATask, PerplexityTask, ReasoningTask
+    from sphere_pl.evaluation.generative_efficacy import GenerativeEfficacyEvaluator
+
+    def same(mine: dict, ref: dict):  # bit for bit, nan where both are nan
+        torch.testing.assert_close(mine, ref, rtol=0, atol=0, equal_nan=True)
+
+    whole, tok = load_model_and_tokenizer(tiny_model_dir)
+    embedding_on_disk = {**OFFLOADED, "model.embed_tokens": "disk"}
+    dispatched, tok2 = load_model_and_tokenizer(tiny_model_dir, device_map=embedding_on_disk, offload_folder=str(tmp_path / "o"))
+    assert next(dispatched.parameters()).device.type == "meta"  # the case the old device read got wrong
+    general = SHARED_DATA / "general"
+    tasks = [PerplexityTask(str(SHARED_DATA / "wikitext-2" / "test.txt"), max_windows=2, seq_len=64),
+             NLITask(str(general / "test-NLI.tsv"), limit=4), ClosedQATask(str(general / "test-ClosedDomainQA.jsonl"), limit=4),
+             OpenQATask(str(general / "test-OpenDomainQA.jsonl"), limit=3), ReasoningTask(str(general / "test-reasoning.jsonl"), limit=3)]
+    for task in tasks:
+        items = task.load(tok)
+        same(task.evaluate(dispatched, tok2, items), task.evaluate(whole, tok, items))
+    generated = GenerativeEfficacyEvaluator(max_new_tokens=3)  # (no paraphrases: generalization is nan in both)
+    same(generated.evaluate(dispatched, tok2, REQUESTS), generated.evaluate(whole, tok, REQUESTS))
+    reference = Editor(whole, tok, method("memit", str(tmp_path / "c0")), [], model_id=tiny_model_dir)
+    editor = Editor(dispatched, tok2, method("memit", str(tmp_path / "c0")), [], model_id=tiny_model_dir)
+    assert editor.evaluate(REQUESTS) == reference.evaluate(REQUESTS)

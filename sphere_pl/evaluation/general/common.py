@@ -22,6 +22,7 @@ from ...errors import SettingsError
 from ..base import EvalDataError, Evaluator, check_on_bad_record
 from ..generation import continuation_text, generate_continuations, greedy_is_argmax
 from ..scoring import score_targets
+from ...placement import input_device
 
 INVALID = -1
 #: the class index of an invalid answer in the 3-class torchmetrics metrics (weighted F1 and MCC do not depend on the order)
@@ -183,7 +184,7 @@ class BinaryAnswerTask(FileTask):
         items = list(items)
         if not items:
             return []
-        device = next(model.parameters()).device
+        device = input_device(model)
         self.metrics.to(device)
         prompts = [item.prompt for item in items]
         # RECT scores f"{prompt} {word}": the word with its leading space, after the prompt as is

@@ -20,6 +20,7 @@ from torchmetrics import MetricCollection
 from ..base import EvalDataError, jsonl_records, read_records, require
 from ..generation import generate_continuations
 from .common import FileTask, answer_after, mean_metric
+from ...placement import input_device
 
 MARKER = "Answer:"
 _PUNCTUATION = frozenset(string.punctuation)
@@ -94,7 +95,7 @@ class OpenQATask(FileTask):
         answers = [answer_after(text, MARKER) for text in generated]
         correct = [soft_exact_match(answer, item.answers) for answer, item in zip(answers, items)]
         lengths = [len(normalize_answer(answer).split()) for answer in answers]
-        device = next(model.parameters()).device
+        device = input_device(model)
         self.metrics.to(device)
         self.metrics["acc"].update(torch.tensor(correct, dtype=torch.float32, device=device))
         self.metrics["answer_length"].update(torch.tensor(lengths, dtype=torch.float32, device=device))

@@ -19,6 +19,7 @@ from torchmetrics import Metric, MetricCollection
 from ...errors import SettingsError
 from ..base import EvalDataError, Evaluator
 from ..scoring import _lm_head_logits
+from ...placement import input_device
 
 
 class TokenNLL(Metric):
@@ -102,7 +103,7 @@ class PerplexityTask(Evaluator):
             return []
         if any(len(window) != len(items[0]) or len(window) < 2 for window in items):
             raise ValueError("windows must all have the same length, at least 2")
-        device = next(model.parameters()).device
+        device = input_device(model)
         self.metrics.to(device)
         was_training = model.training
         model.eval()

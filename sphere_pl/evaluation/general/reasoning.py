@@ -18,6 +18,7 @@ from torchmetrics import MetricCollection
 from ..base import EvalDataError, jsonl_records, read_records, require
 from ..generation import generate_continuations
 from .common import FileTask, answer_after, mean_metric
+from ...placement import input_device
 
 MARKER = "Therefore, the answer (arabic numerals) is:"
 GOLD_SEPARATOR = "#### "
@@ -85,7 +86,7 @@ class ReasoningTask(FileTask):
             model, tokenizer, [item.prompt for item in items], self.max_new_tokens, self.batch_size
         )
         correct = [reasoning_correct(text, item.gold) for text, item in zip(generated, items)]
-        device = next(model.parameters()).device
+        device = input_device(model)
         self.metrics.to(device)
         self.metrics["acc"].update(torch.tensor(correct, dtype=torch.float32, device=device))
         return [
