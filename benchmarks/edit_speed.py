@@ -297,14 +297,17 @@ def main() -> None:
     gpu = f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""
     print(f"model: {name}, {args.dtype}; device: {marks.device}{gpu}, torch {torch.__version__}, "
           f"threads: {torch.get_num_threads()}, model load {load_s:.1f} s")
+    searches = args.method != "ultraedit"  # UltraEdit has no value search: its settings would mislead
+    values = (f"{args.steps} value steps, {args.hparams} hyper-parameters {HPARAMS[args.hparams]}, value search in {args.compute_dtype}"
+              if searches else "no value search (configs/smollm2/ultraedit.yaml's settings)")
     print(f"mode: {'reference (per request, full forward passes)' if args.reference else 'fast (batched, prefix-cached)'}; "
-          f"{args.method}, {n} edits from {args.data} in batches of {args.batch}, {args.steps} value steps, {args.hparams} hyper-parameters "
-          f"{HPARAMS[args.hparams]}, value search in {args.compute_dtype}")
+          f"{args.method}, {n} edits from {args.data} in batches of {args.batch}, {values}")
     chosen = sorted(set(plans.plans))
-    print(f"value search passes: requests_per_pass={args.requests_per_pass}, recompute_activations={args.recompute}"
-          f"{'' if args.memory_budget_gb is None else f', memory_budget_gb={args.memory_budget_gb}'} -> "
-          + "; ".join(f"{size} per pass, activations {'recomputed' if again else 'kept'}" for size, again in chosen)
-          + (f" (budget: {editor.method.value_budget.source})" if getattr(editor.method, "value_budget", None) else ""))
+    if searches:
+        print(f"value search passes: requests_per_pass={args.requests_per_pass}, recompute_activations={args.recompute}"
+              f"{'' if args.memory_budget_gb is None else f', memory_budget_gb={args.memory_budget_gb}'} -> "
+              + "; ".join(f"{size} per pass, activations {'recomputed' if again else 'kept'}" for size, again in chosen)
+              + (f" (budget: {editor.method.value_budget.source})" if getattr(editor.method, "value_budget", None) else ""))
     print(f"one-off: statistics {statistics_s:.1f} s ({'forced to compute' if args.fresh_stats else 'computed only when not cached'}), "
           f"other set-up {setup_s - statistics_s:.1f} s; end of fit {teardown_s:.1f} s (EditingStrategy: the module stays on its device)")
     print(f"{'phase':<22}{'s/edit':>10}")
