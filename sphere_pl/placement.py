@@ -120,6 +120,22 @@ def input_device(model: nn.Module) -> torch.device:
     return embedding.weight.device
 
 
+def execution_devices(model: nn.Module, modules: Iterable[nn.Module]) -> list[torch.device]:
+    """The distinct devices `modules` compute on, in order: each one's hook's execution device under
+    dispatch (an offloaded block computes where its hook brings its weights), else where its weights are."""
+    found: list[torch.device] = []
+    for module in modules:
+        hook = getattr(module, "_hf_hook", None)
+        device = next((getattr(h, "execution_device", None) for h in getattr(hook, "hooks", [hook])
+                       if getattr(h, "execution_device", None) is not None), None)
+        if device is None:
+            device = next((p.device for p in module.parameters() if p.device.type != "meta"), input_device(model))
+        device = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+        if device not in found:
+            found.append(device)
+    return found
+
+
 def describe(model: nn.Module, edited: Iterable[str]) -> list[str]:
     """Lines for the start-up summary: where each block and each edited weight lives."""
     where = placement(model)

@@ -11,6 +11,8 @@ both precisions on the device the search runs on, well under a second:
   slower, float32, said with the measured rates, unless `force_compute_dtype: true`;
 * `compute_dtype: auto`: bfloat16 where it is at least `AUTO_MARGIN` faster, else float32.
 
+A model dispatched over several devices (`device_map`) is measured on each device its upper blocks
+compute on: bfloat16 only where every one of them takes it, since the slowest device sets the pace.
 A model loaded in half precision runs in its own dtype whatever this says. The choice and the rates
 are recorded (the run's summary), and a resumed run keeps the precision its run started with.
 """
@@ -18,7 +20,8 @@ are recorded (the run's summary), and a resumed run keeps the precision its run 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -69,9 +72,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def choose_compute_dtype(asked: str, force: bool, device: torch.device, hidden: int, intermediate: int,
+def choose_compute_dtype(asked: str, force: bool, device: torch.device | Sequence[torch.device], hidden: int, intermediate: int,
                          model_dtype: torch.dtype = torch.float32) -> PrecisionChoice:
-    """The precision the value search runs in on `device` (see the module docstring)."""
+    """The precision the value search runs in on `device`, or on every one of several devices (see the
+    module docstring)."""
+    devices = [device] if isinstance(device, torch.device) else list(dict.fromkeys(device))
+    return over_devices([_choose_on(asked, force, d, hidden, intermediate, model_dtype) for d in devices])
+
+
+def over_devices(choices: list[PrecisionChoice]) -> PrecisionChoice:
+    """One precision for a search whose blocks compute on several devices: the first device that keeps
+    float32 decides for all (bfloat16 there would be slower), else the first device's choice."""
+    if len(choices) == 1:
+        return choices[0]
+    deciding = next((c for c in choices if c.used == "float32"), choices[0])
+    others = "; ".join(f"{c.device}: {c.used}" + (f" ({c.rates['bfloat16']:.0f} / {c.rates['float32']:.0f} GFLOP/s)" if c.rates else "")
+                       for c in choices if c is not deciding)
+    return replace(deciding, reason=f"{deciding.reason}; the other devices of the dispatch: {others}")
+
+
+def _choose_on(asked: str, force: bool, device: torch.device, hidden: int, intermediate: int, model_dtype: torch.dtype) -> PrecisionChoice:
     where = str(device)
     if model_dtype in (torch.bfloat16, torch.float16):
         used = str(model_dtype).removeprefix("torch.")

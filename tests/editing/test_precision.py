@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sphere_pl import Editor
-from sphere_pl.editing.precision import choose_compute_dtype, decide
+from sphere_pl.editing.precision import choose_compute_dtype, decide, over_devices
+from sphere_pl.placement import execution_devices
 from helpers import tiny_llama, tiny_tokenizer
 
 
@@ -27,6 +28,32 @@ def test_the_rule_on_measured_rates(asked, force, rates, used):
     assert choice.used == used and choice.rates == rates and choice.asked == asked
     if asked == "bfloat16" and used == "float32":
         assert "5.2x slower" in choice.reason and "force_compute_dtype" in choice.reason and "bfloat16 23 GFLOP/s, float32 120" in choice.reason
+
+
+def test_a_dispatch_over_several_devices_takes_bfloat16_only_where_every_device_does():
+    fast, slow = {"float32": 100.0, "bfloat16": 150.0}, {"float32": 120.0, "bfloat16": 23.0}
+    two_fast = over_devices([decide("bfloat16", False, fast, "cuda:0"), decide("bfloat16", False, fast, "cuda:1")])
+    assert two_fast.used == "bfloat16" and two_fast.device == "cuda:0" and "cuda:1: bfloat16 (150 / 100 GFLOP/s)" in two_fast.reason
+    mixed = over_devices([decide("bfloat16", False, fast, "cuda:0"), decide("bfloat16", False, slow, "cuda:1")])
+    assert mixed.used == "float32" and mixed.device == "cuda:1" and mixed.rates == slow  # the slow device decides
+    assert "5.2x slower" in mixed.reason and "cuda:0: bfloat16" in mixed.reason
+    forced = over_devices([decide("bfloat16", True, fast, "cuda:0"), decide("bfloat16", True, slow, "cuda:1")])
+    assert forced.used == "bfloat16"  # insisted on: every device runs it
+    one = decide("auto", False, fast, "cpu")
+    assert over_devices([one]) is one  # one device: its own choice, unchanged
+
+
+def test_the_devices_measured_are_those_the_upper_blocks_compute_on(tiny_model_dir, tmp_path):
+    from sphere_pl import load_model_and_tokenizer
+    whole, _ = load_model_and_tokenizer(tiny_model_dir)
+    assert execution_devices(whole, list(whole.model.layers)) == [torch.device("cpu")]
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.layers.2": "disk",
+                  "model.layers.3": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    dispatched, _ = load_model_and_tokenizer(tiny_model_dir, device_map=device_map, offload_folder=str(tmp_path / "o"))
+    # blocks on disk compute where their hook brings the weights: the CPU here, not `meta`
+    assert execution_devices(dispatched, list(dispatched.model.layers)[2:]) == [torch.device("cpu")]
+    choice = choose_compute_dtype("bfloat16", False, execution_devices(dispatched, list(dispatched.model.layers)), 64, 128)
+    assert choice.device == "cpu" and set(choice.rates) == {"float32", "bfloat16"}
 
 
 def test_a_real_measurement_here_is_positive_and_the_choice_follows_it():

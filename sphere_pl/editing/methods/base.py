@@ -27,6 +27,7 @@ from ..value_memory import GB, MemoryBudget
 from ...models import weights_fingerprint
 from ..norm_anchor import NormAnchor, anchor, mlp_outputs, reference_norm
 from ..precision import PrecisionChoice, choose_compute_dtype
+from ...placement import execution_devices
 from ..values import ValueOptimization, check_value_memory, optimize_values, prepare_value_search
 from ...errors import SettingsError
 from ...filters import DeltaFilter
@@ -277,8 +278,9 @@ class LocateThenEdit(EditMethod):
         config = lm.model.config
         hidden = config.hidden_size
         intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
-        self.precision = choose_compute_dtype(self.values.compute_dtype, self.values.force_compute_dtype, lm.device, hidden, intermediate,
-                                              next(lm.model.parameters()).dtype)
+        upper = list(lm.model.get_submodule(lm.templates.layers))[self.layers[-1]:]  # the blocks the value search runs
+        self.precision = choose_compute_dtype(self.values.compute_dtype, self.values.force_compute_dtype,
+                                              execution_devices(lm.model, upper), hidden, intermediate, next(lm.model.parameters()).dtype)
         if self.precision.used != self.values.compute_dtype and self.values.compute_dtype != "auto":
             log.warning("value search: %s", self.precision.describe())
         self.value_budget = prepare_value_search(lm.model, lm.templates, self.layers[-1], self.search_values, lm.device)
