@@ -10,6 +10,9 @@ batch of the first 10 records of counterfact-val.json at the paper's value setti
 Every run states its value-search settings explicitly (`--requests-per-pass`, `--recompute`,
 `--compute-dtype`), so that a change of defaults does not change what is compared.
 The statistics (C0) come from the shared cache or are computed once.
+Compare two outputs from one machine: float32 kernels differ between CPUs in the last bits. On
+2026-12-07 a file recorded on an AVX-512 machine differed in every digest on an AVX2-only one, while
+the recording's own commit (e162f23), run on the second machine, gave the current code's digests.
 """
 
 from __future__ import annotations
