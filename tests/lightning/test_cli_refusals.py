@@ -119,6 +119,8 @@ def test_a_bad_value_or_unknown_key_is_one_line_with_exit_2(fitted, tmp_path, fo
 def test_ctrl_c_says_where_the_run_resumes_and_exits_130(tiny_model_dir, stats_cache, tmp_path, fork_context):
     run = tmp_path / "run"
     config = run_config(tiny_model_dir, stats_cache, run, method_args={"values": {"num_grad_steps": 25, "lr": 0.5}})
+    batches = 12  # 11 batches still to run when the first checkpoint appears: under load the run cannot end first
+    config["data"]["dataset_size_limit"] = NUM_EDITS * batches  # (the quickstart's 52 records: 48 edited, 4 held out)
     fit = RunningCli(fork_context, ["fit", "--config", write_config(tmp_path / "fit.yaml", config)], tmp_path, cli_env(tmp_path))
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
@@ -129,6 +131,6 @@ def test_ctrl_c_says_where_the_run_resumes_and_exits_130(tiny_model_dir, stats_c
     result = fit.result()
     assert result.returncode == 130, result.stderr[-3000:]
     done = load_checkpoint_file(last)["sphere_pl"]["edits_applied"]
-    assert f"sphere_pl: stopped by Ctrl-C after {done} of {NUM_EDITS * NUM_BATCHES} edits" in result.stderr
+    assert f"sphere_pl: stopped by Ctrl-C after {done} of {NUM_EDITS * batches} edits" in result.stderr
     assert f"resume with --ckpt_path {last}" in result.stderr and "error: stopped by Ctrl-C" in result.stderr
     assert "Traceback" not in result.stderr
