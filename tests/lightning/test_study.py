@@ -382,6 +382,25 @@ def test_a_study_killed_after_a_variants_last_checkpoint_reports_the_whole_runs_
     assert float(again.split("|")[4]) == editing
 
 
+def test_seconds_per_edit_reads_the_editing_phases_alone(tmp_path):
+    """A resumed run re-measures (its evaluation seconds grow) but edits nothing: its editing figure must be the
+    uninterrupted run's, bit for bit. Phases summing to 0.210 s over 6 edits sit on the 0.035 rounding edge,
+    where the total less the measuring phases printed 0.03 for one run and 0.04 for the other."""
+    from sphere_pl.commands.study.report import seconds_per_edit
+    editing = {"value_optimisation": 0.152, "keys": 0.048, "solve": 0.003, "projection": 0.007}
+    figures = []
+    for name, evaluation in (("first", 0.4), ("resumed", 0.45)):
+        directory = tmp_path / name
+        directory.mkdir()
+        seconds = {"setup": 0.3, "statistics": 0.2, "evaluation": evaluation, "he": 0.005, **editing}
+        (directory / "summary.json").write_text(json.dumps({"edits": 6, "seconds": seconds}))
+        figures.append(seconds_per_edit(directory))
+    expected = sum(editing.values()) / 6  # the editing phases, summed in the same order
+    assert [f["editing"] for f in figures] == [expected, expected]
+    assert [f"{f['editing']:.2f}" for f in figures] == [f"{expected:.2f}"] * 2
+    assert [f["measuring"] for f in figures] == [(0.4 + 0.005) / 6, (0.45 + 0.005) / 6]
+
+
 def test_streams_multiply_the_variants_and_pairs_are_compared_stream_by_stream(tmp_path):
     """Every variant runs on every stream (`<variant>@<stream>`, the stream's overrides under the variant's); the
     report gives each variant's collapse as mean (range) over the streams, locates it to the batch with the canary

@@ -47,8 +47,11 @@ def seconds_per_edit(directory: Path) -> dict[str, float] | None:
     if not summary or not summary.get("edits"):
         return None
     seconds = {k: v for k, v in summary.get("seconds", {}).items() if k not in ONE_OFF_PHASES}
+    # each sum over its own phases (not the total less the other): the editing figure then depends on the
+    # editing phases alone, so a resumed run that re-measured reports it bit for bit as the uninterrupted one
     measuring = sum(v for k, v in seconds.items() if k in MEASURING_PHASES)
-    return {"editing": (sum(seconds.values()) - measuring) / summary["edits"], "measuring": measuring / summary["edits"]}
+    editing = sum(v for k, v in seconds.items() if k not in MEASURING_PHASES)
+    return {"editing": editing / summary["edits"], "measuring": measuring / summary["edits"]}
 
 
 POINT_METRICS = (protocol.LAST_BATCH, protocol.EDITED_SO_FAR, protocol.EDITED_SO_FAR_UNEDITED, protocol.NEVER_EDITED, protocol.GENERAL)
