@@ -1,7 +1,7 @@
 """Readers turning CounterFact-style JSON files into validated `EditRequest`s.
 
 Records are read through Hugging Face `datasets` (`load_dataset("json", ...)`), so a URL is
-downloaded once into `cache_dir` and reused afterwards. Three schemas are understood:
+downloaded once into `cache_dir` and reused afterwards. Four schemas are understood:
 
 * ``counterfact``: ROME/MEMIT CounterFact and multi-CounterFact,
   ``{case_id, requested_rewrite{prompt, subject, target_new{str}, target_true{str}},
@@ -11,6 +11,9 @@ downloaded once into `cache_dir` and reused afterwards. Three schemas are unders
 * ``zsre``: MEND-format ZsRE question answering, ``{subject, src, rephrase, alt, answers[],
   loc, loc_ans}`` (no case_id: the record's position is used). The edit teaches ``answers[0]``
   as the paper's code does, or ``alt`` with `zsre_target="alt"` (MEND's and EasyEdit's).
+* ``knowedit``: EasyEdit's KnowEdit files (ZsRE and WikiData_counterfact), ``{subject, prompt,
+  target_new, ground_truth, rephrase_prompt, locality{Relation_Specificity[]}}``, scored by token
+  accuracy; see `read_knowedit_record`.
 
 Every record is checked before anything is returned; a bad record raises `EditDataError`
 naming its case_id (or ``#index`` when it has none) and the offending field.
@@ -268,11 +271,81 @@ def read_zsre_record(raw: dict, index: int, source: str | None = None, target: s
     )
 
 
+def _first_answer(value: Any, case_id, path: str, source: str | None) -> str:
+    """KnowEdit gives an answer as a string or as a list of accepted strings: the (first) string."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise EditDataError(case_id, path, "is an empty list of answers", source)
+        return _string(value[0], case_id, f"{path}[0]", source)
+    return _string(value, case_id, path, source)
+
+
+def read_knowedit_record(raw: dict, index: int, source: str | None = None, target: str = "answer") -> EditRequest:
+    """One KnowEdit record (EasyEdit's benchmark files): ZsRE ``{subject, prompt, target_new,
+    ground_truth[], rephrase_prompt, locality{Relation_Specificity[{prompt, ground_truth[]}]}, ...}``
+    or WikiData_counterfact ``{subject, prompt, target_new, ground_truth, locality{...}, ...}``.
+
+    Both are judged by token accuracy, as KnowEdit scores them (``benchmark="zsre"``). A ZsRE record
+    (a list of answers) follows `target` as `read_zsre_record` does: ``answer`` teaches the first
+    ground truth, ``alt`` KnowEdit's ``target_new``; a WikiData_counterfact record (one true answer) is a
+    counterfactual edit and always teaches ``target_new``. The specificity prompts are the
+    ``Relation_Specificity`` ones: other relations *of the edited subject*, whose answers must not move
+    (MEND's ZsRE asks an unrelated question instead); a record's prompts must share one answer.
+    ``Forgetfulness`` and ``portability`` are not read. No case_id: the record's position.
+    """
+    if target not in ZSRE_TARGETS:
+        raise SettingsError(f"unknown ZsRE target convention {target!r}; choose one of {sorted(ZSRE_TARGETS)}")
+    cid = raw.get("case_id")
+    cid = index if cid is None else _case_id(raw, index, source)
+    prompt = _string(_get(raw, "prompt", cid, "prompt", source), cid, "prompt", source)
+    subject = _string(_get(raw, "subject", cid, "subject", source), cid, "subject", source)
+    target_new = _string(_get(raw, "target_new", cid, "target_new", source), cid, "target_new", source)
+    raw_truth = _get(raw, "ground_truth", cid, "ground_truth", source)
+    truth = _first_answer(raw_truth, cid, "ground_truth", source)
+    if "{" in prompt or "}" in prompt:
+        raise EditDataError(cid, "prompt", f"contains braces, cannot build a template: {prompt!r}", source)
+    if subject not in prompt:
+        raise EditDataError(cid, "subject", f"{subject!r} does not occur in prompt {prompt!r}", source)
+    question = isinstance(raw_truth, (list, tuple))
+    if question and target == "answer":
+        new, true = truth, ZSRE_NO_TRUE_TARGET
+    else:
+        new, true = target_new, truth
+    rephrase = raw.get("rephrase_prompt")
+    paraphrases = () if rephrase is None else (_string(rephrase, cid, "rephrase_prompt", source),)
+    locality = raw.get("locality") or {}
+    neighbours = locality.get("Relation_Specificity") if isinstance(locality, dict) else None
+    if neighbours is not None and not isinstance(neighbours, (list, tuple)):
+        raise EditDataError(cid, "locality.Relation_Specificity", f"expected a list, got {type(neighbours).__name__}", source)
+    prompts, answers = [], []
+    for i, item in enumerate(neighbours or ()):
+        path = f"locality.Relation_Specificity[{i}]"
+        prompts.append(_string(_get(item, "prompt", cid, f"{path}.prompt", source), cid, f"{path}.prompt", source))
+        answers.append(_first_answer(_get(item, "ground_truth", cid, f"{path}.ground_truth", source), cid, f"{path}.ground_truth", source))
+    if len(set(answers)) > 1:
+        raise EditDataError(cid, "locality.Relation_Specificity", f"its prompts have different answers {answers}: sphere_pl keeps one per record", source)
+    return _build(
+        cid,
+        source,
+        prompt=prompt.replace(subject, "{}", 1),
+        subject=subject,
+        target_new=new,
+        target_true=true,
+        paraphrase_prompts=paraphrases,
+        neighborhood_prompts=tuple(prompts),
+        neighborhood_true=answers[0] if answers else "",
+        benchmark="zsre",
+    )
+
+
 READERS: dict[str, Callable[..., EditRequest]] = {
     "counterfact": read_counterfact_record,
     "mend_counterfact": read_mend_counterfact_record,
     "zsre": read_zsre_record,
+    "knowedit": read_knowedit_record,
 }
+#: the readers that take the ZsRE target convention
+TARGETED = ("zsre", "knowedit")
 
 
 def detect_schema(keys, source: str | None = None) -> str:
@@ -280,6 +353,8 @@ def detect_schema(keys, source: str | None = None) -> str:
     keys = set(keys)
     if "requested_rewrite" in keys:
         return "counterfact"
+    if {"prompt", "ground_truth", "target_new", "locality"} <= keys:
+        return "knowedit"  # before mend_counterfact, whose keys it shares
     if {"prompt", "ground_truth"} <= keys:
         return "mend_counterfact"
     if {"src", "alt", "loc"} <= keys:
@@ -287,7 +362,8 @@ def detect_schema(keys, source: str | None = None) -> str:
     where = f" in {source}" if source else ""
     raise EditSourceError(
         f"cannot detect the edit data schema{where}: keys found {sorted(keys)}; expected 'requested_rewrite' "
-        f"(counterfact), 'prompt' + 'ground_truth' (mend_counterfact) or 'src' + 'alt' + 'loc' (zsre); "
+        f"(counterfact), 'prompt' + 'ground_truth' + 'target_new' + 'locality' (knowedit), 'prompt' + 'ground_truth' "
+        f"(mend_counterfact) or 'src' + 'alt' + 'loc' (zsre); "
         "pass schema= explicitly"
     )
 
@@ -373,7 +449,7 @@ def load_edit_requests(
 ) -> list[EditRequest]:
     """Read and validate edit requests from a local JSON/JSONL file or an http(s) URL.
 
-    schema: "counterfact", "mend_counterfact" or "auto" (detected from the first record's
+    schema: "counterfact", "mend_counterfact", "zsre", "knowedit" or "auto" (detected from the first record's
     keys; `datasets` reports every column of the file for each record).
     cache_dir: where `datasets` keeps downloads and its Arrow cache
     (default ``~/.cache/sphere_pl/data``).
@@ -381,7 +457,7 @@ def load_edit_requests(
     on_bad_record: "fatal" (default) raises on the first bad record; "skip" leaves bad records
     out with a warning that names each of them (they are never edited or scored).
     zsre_target: what a ZsRE record's edit teaches, "answer" (answers[0], the paper's) or "alt"
-    (MEND's and EasyEdit's); see `read_zsre_record`.
+    (MEND's and EasyEdit's); see `read_zsre_record` and `read_knowedit_record`.
 
     Raises FileNotFoundError for a missing local file, EditSourceError for an unreadable or
     malformed source (or an undetectable schema), and EditDataError for a bad record
@@ -406,7 +482,7 @@ def load_edit_requests(
     if limit is not None and limit < len(ds):
         ds = ds.select(range(limit))
 
-    reader = functools.partial(read_zsre_record, target=zsre_target) if schema == "zsre" else READERS[schema]
+    reader = functools.partial(READERS[schema], target=zsre_target) if schema in TARGETED else READERS[schema]
     requests: list[EditRequest] = []
     seen: dict[Any, int] = {}
     skipped: list[str] = []

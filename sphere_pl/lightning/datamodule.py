@@ -69,7 +69,8 @@ class EditDataModule(L.LightningDataModule):
     source: "quickstart" (the project's offline edit set), "counterfact" / "multi_counterfact"
         (the canonical remote files, downloaded once into `cache_dir`), a local JSON/JSONL
         path, or any URL.
-    schema: "auto", "counterfact" (full / multi-CounterFact), "mend_counterfact" (flat) or "zsre" (MEND).
+    schema: "auto", "counterfact" (full / multi-CounterFact), "mend_counterfact" (flat), "zsre" (MEND) or
+        "knowedit" (EasyEdit's KnowEdit ZsRE and WikiData_counterfact files).
     on_bad_record: "fatal" stops at a malformed record; "skip" leaves it out with a warning naming it.
     zsre_target: what a ZsRE edit teaches: "answer" (answers[0], as the paper's code) or "alt"
         (the MEND alternative, as MEND and EasyEdit).

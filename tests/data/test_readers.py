@@ -323,3 +323,89 @@ def test_url_errors_name_the_url(monkeypatch):
 def test_url_constants():
     assert COUNTERFACT_URL == "https://memit.baulab.info/data/dsets/counterfact.json"
     assert MULTI_COUNTERFACT_URL == "https://memit.baulab.info/data/dsets/multi_counterfact.json"
+
+
+# --------------------------------------------------------------------- KnowEdit (EasyEdit's benchmark files)
+
+KNOWEDIT = DATA.parent / "knowedit"
+KNOWEDIT_ZSRE = KNOWEDIT / "benchmark_ZsRE_ZsRE-test-all.json"
+KNOWEDIT_WIKI = KNOWEDIT / "benchmark_wiki_counterfact_train_cf.json"
+needs_knowedit = pytest.mark.skipif(not KNOWEDIT.is_dir(), reason=f"shared data not found at {KNOWEDIT}")
+
+
+def _first(answer):
+    return answer[0] if isinstance(answer, list) else answer
+
+
+@needs_knowedit
+@pytest.mark.parametrize("target", ["answer", "alt"])
+def test_knowedit_zsre_is_detected_and_read_record_by_record_from_the_raw_json(cache, target):
+    """Every record of the shared KnowEdit ZsRE file, read field by field from the raw JSON here: the three
+    whose subject is not in the question are named (and skipped), the rest match."""
+    raw = _raw(KNOWEDIT_ZSRE)
+    bad = [i for i, r in enumerate(raw) if r["subject"] not in r["prompt"]]
+    with pytest.raises(EditDataError) as info:
+        load_edit_requests(str(KNOWEDIT_ZSRE), cache_dir=cache, zsre_target=target)
+    assert info.value.case_id == bad[0] and info.value.field == "subject" and str(KNOWEDIT_ZSRE) in str(info.value)
+    with pytest.warns(UserWarning, match=f"skipped {len(bad)} bad record"):
+        requests = load_edit_requests(str(KNOWEDIT_ZSRE), cache_dir=cache, zsre_target=target, on_bad_record="skip")
+    kept = [(i, r) for i, r in enumerate(raw) if i not in bad]
+    assert len(requests) == len(kept) == len(raw) - 3
+    for request, (i, r) in zip(requests, kept):
+        assert request.case_id == i and request.benchmark == "zsre"
+        assert request.rewrite_prompt == r["prompt"] and request.subject == r["subject"]
+        if target == "answer":
+            assert (request.target_new, request.target_true) == (r["ground_truth"][0], data_readers.ZSRE_NO_TRUE_TARGET)
+        else:
+            assert (request.target_new, request.target_true) == (r["target_new"], r["ground_truth"][0])
+        assert request.paraphrase_prompts == (r["rephrase_prompt"],)
+        specificity = r["locality"]["Relation_Specificity"]
+        assert request.neighborhood_prompts == tuple(s["prompt"] for s in specificity)
+        assert request.neighborhood_true == specificity[0]["ground_truth"][0]
+
+
+@needs_knowedit
+def test_knowedit_wiki_counterfact_teaches_the_new_target_whatever_the_zsre_convention(cache):
+    """WikiData_counterfact records are counterfactual edits (one true answer): `answer` does not turn them
+    into edits towards the truth. 174 records have no Relation_Specificity prompt: no neighbourhood. Two have
+    an empty answer (a true target, a specificity answer): named and skipped."""
+    raw = _raw(KNOWEDIT_WIKI)
+    empty = [i for i, r in enumerate(raw) if not r["ground_truth"].strip()
+             or any(not _first(s["ground_truth"]).strip() for s in r["locality"].get("Relation_Specificity", []))]
+    assert len(empty) == 2
+    with pytest.warns(UserWarning, match="skipped 2 bad record") as caught:
+        requests = load_edit_requests(str(KNOWEDIT_WIKI), cache_dir=cache, zsre_target="answer", on_bad_record="skip")
+    assert all(f"case_id={i} in" in str(caught[0].message) for i in empty)
+    kept = [(i, r) for i, r in enumerate(raw) if i not in empty]
+    assert len(requests) == len(kept)
+    for request, (i, r) in zip(requests, kept):
+        assert request.case_id == i and request.benchmark == "zsre" and request.rewrite_prompt == r["prompt"]
+        assert (request.target_new, request.target_true) == (r["target_new"], r["ground_truth"])
+        assert request.paraphrase_prompts == ()
+        specificity = r["locality"].get("Relation_Specificity", [])
+        assert request.neighborhood_prompts == tuple(s["prompt"] for s in specificity)
+        assert request.neighborhood_true == (_first(specificity[0]["ground_truth"]) if specificity else "")
+    assert sum(not r.neighborhood_prompts for r in requests) == sum("Relation_Specificity" not in r["locality"] for _, r in kept) == 174
+
+
+def _knowedit(**overrides) -> dict:
+    rec = {"subject": "Epaspidoceras", "target_new": "Noctuidae", "prompt": "Which family does Epaspidoceras belong to?",
+           "ground_truth": ["Aspidoceratidae"], "rephrase_prompt": "What family are Epaspidoceras?",
+           "locality": {"Relation_Specificity": [{"prompt": "The taxon rank of Epaspidoceras is", "ground_truth": ["genus"]}]}}
+    rec.update(overrides)
+    return rec
+
+
+@pytest.mark.parametrize("record, index, field", [
+    (_knowedit(ground_truth=[]), 1, "ground_truth"),
+    (_knowedit(target_new=" "), 1, "target_new"),
+    (_knowedit(locality={"Relation_Specificity": [{"prompt": "The taxon rank of Epaspidoceras is", "ground_truth": ["genus"]},
+                                                   {"prompt": "Epaspidoceras was described by", "ground_truth": ["Spath"]}]}), 1,
+     "locality.Relation_Specificity"),
+    (_knowedit(locality={"Relation_Specificity": [{"prompt": "", "ground_truth": ["genus"]}]}), 1, "locality.Relation_Specificity[0].prompt"),
+])
+def test_a_bad_knowedit_record_is_named_by_position_and_field(tmp_path, cache, record, index, field):
+    path = _write(tmp_path, "knowedit.json", [_knowedit(), record])
+    with pytest.raises(EditDataError) as info:
+        load_edit_requests(str(path), cache_dir=cache)
+    assert (info.value.case_id, info.value.field) == (index, field) and str(path) in str(info.value)

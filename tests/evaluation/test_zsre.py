@@ -130,3 +130,28 @@ def test_reader_names_the_bad_field(tmp_path, change, field):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert [r.case_id for r in load_edit_requests(path, cache_dir=str(tmp_path / "c2"), on_bad_record="skip")] == [0]
+
+
+def test_knowedit_records_score_by_token_accuracy_without_paraphrases_and_with_the_subjects_own_relations(tiny, tmp_path):
+    """A WikiData_counterfact record has no paraphrase: it adds no generalization row (and no NaN to the mean);
+    its specificity prompts are the subject's own other relations, scored against their recorded answer. A record
+    with Forgetfulness prompts only has no specificity row."""
+    model, tok = tiny
+    records = [
+        {"subject": "Goursez Vreizh", "prompt": "The name of the country which Goursez Vreizh is associated with is",
+         "target_new": "Franche-Comté", "ground_truth": "France",
+         "locality": {"Relation_Specificity": [{"prompt": "The name of the founder of Goursez Vreizh is", "ground_truth": "Jean Le Fustec"}]}},
+        {"subject": "Emily I Jones", "prompt": "The gender of Emily I Jones is", "target_new": "male", "ground_truth": "female",
+         "locality": {"Forgetfulness": [{"prompt": "The occupation of Emily I Jones is", "ground_truth": "researcher"}]}},
+    ]  # fmt: skip
+    path = tmp_path / "knowedit_wiki.json"
+    path.write_text(json.dumps(records))
+    requests = load_edit_requests(path, cache_dir=str(tmp_path / "cache"))
+    values, rows = ZsREEvaluator("zs/").evaluate_cases(model, tok, requests)
+    assert sorted((r["case_id"], r["group"]) for r in rows) == [(0, "efficacy"), (0, "specificity"), (1, "efficacy")]
+    assert [r["target"] for r in rows if r["group"] == "specificity"] == ["Jean Le Fustec"]
+    for group in ("efficacy", "specificity"):
+        mine = [r for r in rows if r["group"] == group]
+        expected = score_targets(model, tok, [r["prompt"] for r in mine], [r["target"] for r in mine]).token_accuracy.double().mean()
+        assert values[f"zs/{group}_accuracy"].item() == pytest.approx(expected.item(), abs=1e-7)
+    assert torch.isnan(values["zs/generalization_accuracy"])  # no paraphrase seen: NaN, as TokenAccuracy says, not 0
