@@ -99,8 +99,13 @@ def _exit_status(error: SystemExit) -> int:
 def _cli_child(args: list[str], cwd: str, env: dict[str, str], stdout_path: str, stderr_path: str) -> None:
     import atexit
     import runpy
+    import signal
     import threading
 
+    # Ctrl-C raises KeyboardInterrupt, as in a `python -m` started from a terminal: a harness started as a
+    # background job of a non-interactive shell (`bash .ci/run &`) inherits SIGINT ignored (bash ignores it
+    # for `&` jobs), the interpreter then leaves it ignored, and a Ctrl-C sent to the child would be lost
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
