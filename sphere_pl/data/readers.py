@@ -285,7 +285,9 @@ def read_knowedit_record(raw: dict, index: int, source: str | None = None, targe
     ground_truth[], rephrase_prompt, locality{Relation_Specificity[{prompt, ground_truth[]}]}, ...}``
     or WikiData_counterfact ``{subject, prompt, target_new, ground_truth, locality{...}, ...}``.
 
-    Both are judged by token accuracy, as KnowEdit scores them (``benchmark="zsre"``). A ZsRE record
+    Both are judged by token accuracy (``benchmark="zsre"``), as KnowEdit judges reliability and
+    generalization; its locality compares the edited model's predictions with the unedited model's,
+    where sphere_pl scores the specificity prompts against their recorded answer. A ZsRE record
     (a list of answers) follows `target` as `read_zsre_record` does: ``answer`` teaches the first
     ground truth, ``alt`` KnowEdit's ``target_new``; a WikiData_counterfact record (one true answer) is a
     counterfactual edit and always teaches ``target_new``. The specificity prompts are the
