@@ -440,3 +440,11 @@ def test_streams_multiply_the_variants_and_pairs_are_compared_stream_by_stream(t
     assert "| 200 | +0.200, +0.020 | +0.110 | 0.100 | yes |" in table
     # at 300 edits: +0.40 and +0.10, mean +0.25, range 0.2: exceeds; at 100: +0.05 and +0.05, mean 0.05 < range 0.1: not
     assert "| 300 | +0.400, +0.100 | +0.250 | 0.200 | yes |" in table and "| 100 | +0.050, +0.050 | +0.050 | 0.100 | no |" in table
+    assert "### memit+sphere − memit, stream by stream (file, shuffled)" in table
+
+    # a stream one of the pair has not run yet (no points) is left out, not allowed to empty the table; on the one
+    # stream left there is no range across streams to judge a difference against
+    started = [results[0], {**results[1], "points": []}]
+    table = pair_lines(fake, "memit", "memit+sphere", started, results[2:])
+    assert "### memit+sphere − memit, stream by stream (file)" in table
+    assert "| 200 | +0.200 | +0.200 | 0.000 | one stream |" in table and "| 300 | +0.400 | +0.400 | 0.000 | one stream |" in table

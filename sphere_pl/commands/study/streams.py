@@ -70,13 +70,16 @@ def summary_lines(study, results: list[dict]) -> list[str]:
 
 
 def pair_lines(study, a: str, b: str, runs_a: list[dict], runs_b: list[dict]) -> list[str]:
-    """Per metric the rule reads: at each point reached on every stream by both, the per-stream differences b − a,
-    their mean, the range of a across the streams, and whether the difference exceeds it."""
-    stream_of = {r["variant"].split("@", 1)[1]: r for r in runs_a}
-    twins = [(stream_of[r["variant"].split("@", 1)[1]], r) for r in runs_b if r["variant"].split("@", 1)[1] in stream_of]
+    """Per metric the rule reads: at each point reached by both on every stream where both have run, the per-stream
+    differences b − a, their mean, the range of a across those streams, and whether the difference exceeds it
+    (not judged on a single stream, where there is no range)."""
+    stream_of = {r["variant"].split("@", 1)[1]: r for r in runs_a if r["points"]}
+    twins = [(stream_of[r["variant"].split("@", 1)[1]], r) for r in runs_b
+             if r["points"] and r["variant"].split("@", 1)[1] in stream_of]  # a stream not run by both says nothing of the pair
     if not twins or study.collapse is None:
         return []
-    lines = ["", f"### {b} − {a}, stream by stream", ""]
+    streams = ", ".join(rb["variant"].split("@", 1)[1] for _, rb in twins)
+    lines = ["", f"### {b} − {a}, stream by stream ({streams})", ""]
     for metric in dict.fromkeys(c["metric"] for c in study.collapse.conditions):
         by_point = []
         common = None
@@ -94,7 +97,7 @@ def pair_lines(study, a: str, b: str, runs_a: list[dict], runs_b: list[dict]) ->
             own = [pa[e] for pa, _ in by_point]
             mean, width = statistics.mean(diffs), max(own) - min(own)
             same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-            beyond = "yes" if same_sign and abs(mean) > width else "no"
+            beyond = "one stream" if len(twins) < 2 else "yes" if same_sign and abs(mean) > width else "no"
             lines.append(f"| {int(e)} | " + ", ".join(f"{d:+.3f}" for d in diffs) + f" | {mean:+.3f} | {width:.3f} | {beyond} |")
         lines.append("")
     return lines
