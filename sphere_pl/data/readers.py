@@ -106,6 +106,21 @@ def _check_template(template: str, subject: str, case_id, path: str, source: str
         raise EditDataError(case_id, path, f"is not a valid template ({e}): {template!r}", source) from None
 
 
+def _case_id_or_position(raw: dict, index: int, source: str | None) -> int | str:
+    """The record's case_id, or its position in the file when it has none (as ROME/MEMIT's ZsRE loader)."""
+    return index if raw.get("case_id") is None else _case_id(raw, index, source)
+
+
+def _template_of(filled: str, subject: str, case_id, path: str, source: str | None) -> str:
+    """The template of a prompt with its subject filled in (`path`: the prompt's field): the subject's first
+    occurrence becomes ``{}``; braces of its own, or a subject it does not contain, are refused."""
+    if "{" in filled or "}" in filled:
+        raise EditDataError(case_id, path, f"contains braces, cannot build a template: {filled!r}", source)
+    if subject not in filled:
+        raise EditDataError(case_id, "subject", f"{subject!r} does not occur in {path} {filled!r}", source)
+    return filled.replace(subject, "{}", 1)
+
+
 def _build(case_id, source: str | None, **fields) -> EditRequest:
     """EditRequest(...), re-raising its own validation errors with the source attached."""
     try:
@@ -197,11 +212,7 @@ def read_mend_counterfact_record(raw: dict, index: int, source: str | None = Non
     target_new, target_true = field("target_new"), field("ground_truth")
     rephrase, locality = field("rephrase_prompt"), field("locality_prompt")
     locality_true = field("locality_ground_truth")
-    if "{" in prompt or "}" in prompt:
-        raise EditDataError(cid, "prompt", f"contains braces, cannot build a template: {prompt!r}", source)
-    if subject not in prompt:
-        raise EditDataError(cid, "subject", f"{subject!r} does not occur in prompt {prompt!r}", source)
-    template = prompt.replace(subject, "{}", 1)
+    template = _template_of(prompt, subject, cid, "prompt", source)
     return _build(
         cid,
         source,
@@ -238,8 +249,7 @@ def read_zsre_record(raw: dict, index: int, source: str | None = None, target: s
     """
     if target not in ZSRE_TARGETS:
         raise SettingsError(f"unknown ZsRE target convention {target!r}; choose one of {sorted(ZSRE_TARGETS)}")
-    cid = raw.get("case_id")
-    cid = index if cid is None else _case_id(raw, index, source)
+    cid = _case_id_or_position(raw, index, source)
 
     def field(name: str) -> str:
         return _string(_get(raw, name, cid, name, source), cid, name, source)
@@ -250,17 +260,14 @@ def read_zsre_record(raw: dict, index: int, source: str | None = None, target: s
     if not isinstance(answers, (list, tuple)) or not answers:
         raise EditDataError(cid, "answers", f"expected a non-empty list of answers, got {answers!r}", source)
     answer = _string(answers[0], cid, "answers[0]", source)
-    if "{" in src or "}" in src:
-        raise EditDataError(cid, "src", f"contains braces, cannot build a template: {src!r}", source)
-    if subject not in src:
-        raise EditDataError(cid, "subject", f"{subject!r} does not occur in src {src!r}", source)
+    template = _template_of(src, subject, cid, "src", source)
     # `alt` is read only where it is the target: the official loader never reads it (two records of the
     # MEND file have an empty one)
     new, true = (answer, ZSRE_NO_TRUE_TARGET) if target == "answer" else (field("alt"), answer)
     return _build(
         cid,
         source,
-        prompt=src.replace(subject, "{}", 1),
+        prompt=template,
         subject=subject,
         target_new=new,
         target_true=true,
@@ -297,17 +304,15 @@ def read_knowedit_record(raw: dict, index: int, source: str | None = None, targe
     """
     if target not in ZSRE_TARGETS:
         raise SettingsError(f"unknown ZsRE target convention {target!r}; choose one of {sorted(ZSRE_TARGETS)}")
-    cid = raw.get("case_id")
-    cid = index if cid is None else _case_id(raw, index, source)
-    prompt = _string(_get(raw, "prompt", cid, "prompt", source), cid, "prompt", source)
-    subject = _string(_get(raw, "subject", cid, "subject", source), cid, "subject", source)
-    target_new = _string(_get(raw, "target_new", cid, "target_new", source), cid, "target_new", source)
+    cid = _case_id_or_position(raw, index, source)
+
+    def field(name: str) -> str:
+        return _string(_get(raw, name, cid, name, source), cid, name, source)
+
+    prompt, subject, target_new = field("prompt"), field("subject"), field("target_new")
     raw_truth = _get(raw, "ground_truth", cid, "ground_truth", source)
     truth = _first_answer(raw_truth, cid, "ground_truth", source)
-    if "{" in prompt or "}" in prompt:
-        raise EditDataError(cid, "prompt", f"contains braces, cannot build a template: {prompt!r}", source)
-    if subject not in prompt:
-        raise EditDataError(cid, "subject", f"{subject!r} does not occur in prompt {prompt!r}", source)
+    template = _template_of(prompt, subject, cid, "prompt", source)
     question = isinstance(raw_truth, (list, tuple))
     if question and target == "answer":
         new, true = truth, ZSRE_NO_TRUE_TARGET
@@ -329,7 +334,7 @@ def read_knowedit_record(raw: dict, index: int, source: str | None = None, targe
     return _build(
         cid,
         source,
-        prompt=prompt.replace(subject, "{}", 1),
+        prompt=template,
         subject=subject,
         target_new=new,
         target_true=true,
