@@ -428,13 +428,20 @@ def test_streams_multiply_the_variants_and_pairs_are_compared_stream_by_stream(t
 
     def run(name, efficacy, collapse):
         points = [{"edits": e, "edited_so_far/efficacy_score": v} for e, v in zip((100.0, 200.0, 300.0), efficacy)]
-        return {"variant": name, "points": points, "collapse": {"edits": collapse} if collapse else None,
+        return {"variant": name, "points": points, "edits": 300, "collapse": {"edits": collapse} if collapse else None,
                 "collapse_generated": None, "collapse_batch": None}
     results = [run("memit@file", [0.9, 0.7, 0.4], 300), run("memit@shuffled", [0.8, 0.6, 0.6], None),
                run("memit+sphere@file", [0.95, 0.9, 0.8], None), run("memit+sphere@shuffled", [0.85, 0.62, 0.7], None)]
     fake = SimpleNamespace(streams=study.streams, pairs=study.pairs, collapse=rule)
     lines = summary_lines(fake, results)
-    assert "| memit | 300 in 1 of 2 | never in 2 | never in 2 |" in lines and "| memit+sphere | never in 2 | never in 2 | never in 2 |" in lines
+    assert "| memit | 2 of 2 | 300 in 1 of 2, none by 300 in 1 | none by 300 in 2 | none by 300 in 2 |" in lines
+    assert "| memit+sphere | 2 of 2 | none by 300 in 2 | none by 300 in 2 | none by 300 in 2 |" in lines
+    # a stream not started says nothing: neither "never collapsed" nor counted among the streams that did
+    partial = [results[0], {**results[1], "points": [], "edits": 0}, {**results[2], "points": [], "edits": 0},
+               {**results[3], "points": [], "edits": 0}]
+    lines = summary_lines(fake, partial)
+    assert "| memit | 1 of 2 | 300 in 1 of 1 | none by 300 in 1 | none by 300 in 1 |" in lines
+    assert "| memit+sphere | 0 of 2 | not run | not run | not run |" in lines
     table = pair_lines(fake, "memit", "memit+sphere", results[:2], results[2:])
     # at 200 edits: differences +0.20 and +0.02 (same sign), mean +0.11, memit's own range 0.7 - 0.6 = 0.1: exceeds it
     assert "| 200 | +0.200, +0.020 | +0.110 | 0.100 | yes |" in table
@@ -448,3 +455,15 @@ def test_streams_multiply_the_variants_and_pairs_are_compared_stream_by_stream(t
     table = pair_lines(fake, "memit", "memit+sphere", started, results[2:])
     assert "### memit+sphere − memit, stream by stream (file)" in table
     assert "| 200 | +0.200 | +0.200 | 0.000 | one stream |" in table and "| 300 | +0.400 | +0.400 | 0.000 | one stream |" in table
+
+
+def test_a_resumed_variants_status_names_only_the_latest_attempts_error(tmp_path):
+    """fit.log is appended across attempts; an error from an earlier, resumed attempt is not the current one's."""
+    from sphere_pl.commands.study.runner import ATTEMPT_MARK, _error_lines
+
+    log = tmp_path / "fit.log"
+    log.write_text(f"{ATTEMPT_MARK}first\nerror: stopped by SIGTERM\nhint: resume\n"
+                   f"{ATTEMPT_MARK}second\nediting\nerror: target values did not move\n")
+    assert _error_lines(log) == "error: target values did not move"
+    log.write_text("no attempt mark\nerror: only one\n")  # a log written before the marks existed
+    assert _error_lines(log) == "error: only one"

@@ -19,6 +19,8 @@ from ...files import atomic_write_json
 from .config import STATUS, Study, Variant
 from .report import write_report
 
+ATTEMPT_MARK = "\n=== "  # begins each attempt's section of a variant's fit.log
+
 
 def run(study: Study, only: list[str] | None = None) -> int:
     """Every unfinished variant (or those in `only`), one after another; the report after each.
@@ -53,7 +55,7 @@ def _run_variant(study: Study, variant: Variant, stopped: "_Forwarder") -> int:
           f"(log: {directory / 'fit.log'})", flush=True)
     start = time.time()
     with open(directory / "fit.log", "a") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m sphere_pl {' '.join(args)}\n")
+        log.write(f"{ATTEMPT_MARK}{time.strftime('%Y-%m-%d %H:%M:%S')} python -m sphere_pl {' '.join(args)}\n")
         log.flush()
         process = subprocess.Popen([sys.executable, "-m", "sphere_pl", *args], stdout=log, stderr=subprocess.STDOUT)
         with stopped.forwarding_to(process):
@@ -89,6 +91,9 @@ class _Forwarder:
 
 
 def _error_lines(log: Path) -> str:
-    lines = log.read_text(errors="replace").splitlines()[-200:]
+    """The error and hint lines of the latest attempt only: a resumed variant appends to the same log."""
+    text = log.read_text(errors="replace")
+    latest = text[text.rfind(ATTEMPT_MARK) + 1:] if ATTEMPT_MARK in text else text
+    lines = latest.splitlines()[-200:]
     errors = [line for line in lines if line.startswith(("error:", "hint:"))]
     return "\n".join(errors or lines[-20:])

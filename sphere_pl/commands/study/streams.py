@@ -48,6 +48,19 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.0f} ({min(values):.0f}–{max(values):.0f})"
 
 
+def _collapse_cell(ran: list[dict], key: str) -> str:
+    """Where the runs that collapsed did, and how far the others have gone without collapsing."""
+    if not ran:
+        return "not run"
+    found = [r[key]["edits"] for r in ran if r.get(key)]
+    reached = [r["edits"] for r in ran if not r.get(key)]
+    parts = [f"{_spread(found)} in {len(found)} of {len(ran)}"] if found else []
+    if reached:
+        upto = f"{min(reached)}" if min(reached) == max(reached) else f"{min(reached)}–{max(reached)}"
+        parts.append(f"none by {upto} in {len(reached)}")
+    return ", ".join(parts)
+
+
 def summary_lines(study, results: list[dict]) -> list[str]:
     """The per-variant collapse table over the streams, and the pairs' differences."""
     if not study.streams:
@@ -56,13 +69,16 @@ def summary_lines(study, results: list[dict]) -> list[str]:
     for r in results:
         by_base.setdefault(base_name(r["variant"]), []).append(r)
     lines = ["", f"## Over the {len(study.streams)} streams ({', '.join(s.name for s in study.streams)})", "",
-             "Collapse in edits: mean (range) over the streams that collapsed, and how many did; never: no collapse by the run's end.", "",
-             "| variant | collapsed (rule) | under generated efficacy | batch located by the canaries |", "|---|---|---|---|"]
+             "Collapse in edits: mean (range) over the streams where the run collapsed, in how many of the streams run; "
+             "none by N: no collapse by the N edits those runs have reached (a run still going, or stopped early, "
+             "counts only to where it is); not run: no stream has started.", "",
+             "| variant | streams run | collapsed (rule) | under generated efficacy | batch located by the canaries |",
+             "|---|---|---|---|---|"]
     for base, runs in by_base.items():
-        cells = []
+        ran = [r for r in runs if r["points"]]
+        cells = [f"{len(ran)} of {len(study.streams)}"]
         for key in ("collapse", "collapse_generated", "collapse_batch"):
-            found = [r[key]["edits"] for r in runs if r.get(key)]
-            cells.append(f"{_spread(found)} in {len(found)} of {len(runs)}" if found else f"never in {len(runs)}")
+            cells.append(_collapse_cell(ran, key))
         lines.append(f"| {base} | " + " | ".join(cells) + " |")
     for a, b in study.pairs:
         lines += pair_lines(study, a, b, by_base.get(a, []), by_base.get(b, []))
