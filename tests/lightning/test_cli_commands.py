@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -388,6 +389,9 @@ def test_a_fit_shows_what_it_edits_and_counts_edits_not_epochs(tiny_model_dir, s
     assert header[4].startswith(f"  C0       {CORPUS}, 20 x 64 tokens")
     assert header[5].startswith("  memory   value search: requests_per_pass auto, recompute_activations auto, within ")
     assert "editing: 100%" in console and f"{NUM_EDITS * NUM_BATCHES}/{NUM_EDITS * NUM_BATCHES}" in console and "s/edit" in console
+    # the end's scoring of the edited facts says where it is: here (seconds) only its last batch
+    scoring = [line for line in console.splitlines() if line.startswith("scoring the edited facts: ")]
+    assert len(scoring) == 1 and re.fullmatch(r"scoring the edited facts: (\d+)/\1 batches, 00:00 left", scoring[0]), scoring
     for lightning_only in ("Trainable params", "Total FLOPs", "Epoch 0", "v_num"):
         assert lightning_only not in console
 
@@ -399,3 +403,11 @@ def test_top_level_help_names_the_program_and_every_command():
     commands = [line.split()[0] for line in result.stdout.split("commands:")[1].split("\n\n")[0].splitlines() if line.startswith("  ") and not line.startswith("    ")]
     assert commands == ["fit", "validate", "test", "export", "apply", "rollback", "study"]
     assert "Lightning Trainer" not in result.stdout and "predict" not in result.stdout
+
+
+def test_the_scoring_line_estimates_what_is_left_from_the_pace_so_far():
+    from sphere_pl.lightning.progress import scoring_line
+
+    assert scoring_line("edited", 3, 10, 90.0) == "scoring the edited facts: 3/10 batches, 03:30 left"  # 30 s a batch, 7 left
+    assert scoring_line("held-out", 1, 613, 20.0) == "scoring the held-out facts: 1/613 batches, 03:24:00 left"  # 612 x 20 s
+    assert scoring_line("edited", 4, None, 9.0) == "scoring the edited facts: 4 batches"
