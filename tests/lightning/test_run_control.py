@@ -56,7 +56,13 @@ def test_a_second_fit_into_a_directory_in_use_is_refused_and_a_killed_runs_direc
     env = cli_env(tmp_path)
     first = RunningCli(fork_context, ["fit", "--config", write_config(tiny_model_dir, stats_cache, tmp_path / "a", shared, steps=25)], tmp_path, env)
     wait_for(lambda: lock.exists() and lock.read_text().startswith("pid"), "the first run's lock")
-    second = run_cli_forked(fork_context, ["fit", "--config", write_config(tiny_model_dir, stats_cache, tmp_path / "b", shared)], tmp_path, env, ok=False)
+    # paused while the second starts (a stopped process keeps its lock): on a loaded machine the first run's
+    # few seconds of edits could otherwise end before the second has imported torch, and nothing would be in use
+    os.kill(first.process.pid, signal.SIGSTOP)
+    try:
+        second = run_cli_forked(fork_context, ["fit", "--config", write_config(tiny_model_dir, stats_cache, tmp_path / "b", shared)], tmp_path, env, ok=False)
+    finally:
+        os.kill(first.process.pid, signal.SIGCONT)
     assert second.returncode == 1
     assert f"error: checkpoint directory {shared} is in use by a running fit (pid {first.process.pid} on" in second.stderr
     assert "hint: two runs must not share checkpoints" in second.stderr and "Traceback" not in second.stderr
