@@ -85,6 +85,12 @@ def _string(value: Any, case_id, path: str, source: str | None) -> str:
     return value
 
 
+def _fields(raw: dict, case_id, source: str | None, *names: str) -> tuple[str, ...]:
+    """The named top-level string fields of a flat record, checked in the order named (the first bad one is
+    the one reported)."""
+    return tuple(_string(_get(raw, name, case_id, name, source), case_id, name, source) for name in names)
+
+
 def _prompt_list(value: Any, case_id, path: str, source: str | None) -> tuple[str, ...]:
     """A list of prompts; items are strings or dicts with a "prompt" key."""
     if not isinstance(value, (list, tuple)):
@@ -205,13 +211,10 @@ def read_mend_counterfact_record(raw: dict, index: int, source: str | None = Non
     """
     cid = _case_id(raw, index, source)
 
-    def field(name: str) -> str:
-        return _string(_get(raw, name, cid, name, source), cid, name, source)
-
-    prompt, subject = field("prompt"), field("subject")
-    target_new, target_true = field("target_new"), field("ground_truth")
-    rephrase, locality = field("rephrase_prompt"), field("locality_prompt")
-    locality_true = field("locality_ground_truth")
+    prompt, subject, target_new, target_true, rephrase, locality, locality_true = _fields(
+        raw, cid, source, "prompt", "subject", "target_new", "ground_truth",
+        "rephrase_prompt", "locality_prompt", "locality_ground_truth",
+    )
     template = _template_of(prompt, subject, cid, "prompt", source)
     return _build(
         cid,
@@ -251,11 +254,7 @@ def read_zsre_record(raw: dict, index: int, source: str | None = None, target: s
         raise SettingsError(f"unknown ZsRE target convention {target!r}; choose one of {sorted(ZSRE_TARGETS)}")
     cid = _case_id_or_position(raw, index, source)
 
-    def field(name: str) -> str:
-        return _string(_get(raw, name, cid, name, source), cid, name, source)
-
-    src, subject = field("src"), field("subject")
-    rephrase, loc, loc_ans = field("rephrase"), field("loc"), field("loc_ans")
+    src, subject, rephrase, loc, loc_ans = _fields(raw, cid, source, "src", "subject", "rephrase", "loc", "loc_ans")
     answers = _get(raw, "answers", cid, "answers", source)
     if not isinstance(answers, (list, tuple)) or not answers:
         raise EditDataError(cid, "answers", f"expected a non-empty list of answers, got {answers!r}", source)
@@ -263,7 +262,7 @@ def read_zsre_record(raw: dict, index: int, source: str | None = None, target: s
     template = _template_of(src, subject, cid, "src", source)
     # `alt` is read only where it is the target: the official loader never reads it (two records of the
     # MEND file have an empty one)
-    new, true = (answer, ZSRE_NO_TRUE_TARGET) if target == "answer" else (field("alt"), answer)
+    new, true = (answer, ZSRE_NO_TRUE_TARGET) if target == "answer" else (_fields(raw, cid, source, "alt")[0], answer)
     return _build(
         cid,
         source,
@@ -306,10 +305,7 @@ def read_knowedit_record(raw: dict, index: int, source: str | None = None, targe
         raise SettingsError(f"unknown ZsRE target convention {target!r}; choose one of {sorted(ZSRE_TARGETS)}")
     cid = _case_id_or_position(raw, index, source)
 
-    def field(name: str) -> str:
-        return _string(_get(raw, name, cid, name, source), cid, name, source)
-
-    prompt, subject, target_new = field("prompt"), field("subject"), field("target_new")
+    prompt, subject, target_new = _fields(raw, cid, source, "prompt", "subject", "target_new")
     raw_truth = _get(raw, "ground_truth", cid, "ground_truth", source)
     truth = _first_answer(raw_truth, cid, "ground_truth", source)
     template = _template_of(prompt, subject, cid, "prompt", source)

@@ -93,7 +93,7 @@ class _Forwarder:
 def _error_lines(log: Path) -> str:
     """The error and hint lines of the latest attempt only: a resumed variant appends to the same log."""
     text = log.read_text(errors="replace")
-    latest = text[text.rfind(ATTEMPT_MARK) + 1:] if ATTEMPT_MARK in text else text
+    latest = text[text.rfind(ATTEMPT_MARK) + 1:]  # no mark: rfind gives -1, the whole text
     lines = latest.splitlines()[-200:]
     errors = [line for line in lines if line.startswith(("error:", "hint:"))]
     return "\n".join(errors or lines[-20:])
