@@ -27,8 +27,11 @@ class EditProgress(ProgressBar):
         self.total: int | None = None
         self.at_start = 0
         self.started = 0.0
+        self.scoring_total: int | None = None
+        self.scoring_done = 0
         self.scoring_started = 0.0
         self.scoring_shown = 0.0
+        self._edited: set = set()
 
     def disable(self) -> None:
         self._enabled = False
@@ -48,24 +51,40 @@ class EditProgress(ProgressBar):
                   file=sys.stderr, flush=True)
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self.scoring_started = self.scoring_shown = time.perf_counter()
+        # the end's scoring passes over the whole edit set; only batches holding facts in the weights take time
+        # (a run stopped early skips the rest in moments), so those are the ones counted
+        self._edited = set(pl_module.edited_case_ids())
+        loader = trainer.val_dataloaders
+        self.begin_scoring(None if loader is None else sum(1 for batch in loader if self._holds_edited(batch)))
 
-    on_test_start = on_validation_start
+    def on_test_start(self, trainer, pl_module) -> None:
+        loader = trainer.test_dataloaders
+        self.begin_scoring(None if loader is None else len(loader))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._scoring(trainer, "edited", batch_idx + 1, trainer.num_val_batches[dataloader_idx])
+        if self._holds_edited(batch):
+            self.batch_scored(trainer, "edited")
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._scoring(trainer, "held-out", batch_idx + 1, trainer.num_test_batches[dataloader_idx])
+        self.batch_scored(trainer, "held-out")
 
-    def _scoring(self, trainer, which: str, done: int, total) -> None:
+    def _holds_edited(self, batch) -> bool:
+        return any(request.case_id in self._edited for request in batch)
+
+    def begin_scoring(self, batches: int | None) -> None:
+        """A scoring pass of `batches` batches (None: unknown) starts: also called by the end-of-fit scoring
+        that runs outside Lightning's loops."""
+        self.scoring_total, self.scoring_done = batches, 0
+        self.scoring_started = self.scoring_shown = time.perf_counter()
+
+    def batch_scored(self, trainer, which: str) -> None:
+        """A line every `SCORING_EVERY_S` seconds and after the last batch."""
+        self.scoring_done += 1
         now = time.perf_counter()
-        total = int(total) if total != float("inf") else None
-        due = now - self.scoring_shown >= SCORING_EVERY_S or done == total
+        due = now - self.scoring_shown >= SCORING_EVERY_S or self.scoring_done == self.scoring_total
         if self._enabled and due and trainer.is_global_zero and not trainer.sanity_checking:
             self.scoring_shown = now
-            print(scoring_line(which, done, total, now - self.scoring_started), file=sys.stderr, flush=True)
-
+            print(scoring_line(which, self.scoring_done, self.scoring_total, now - self.scoring_started), file=sys.stderr, flush=True)
 
 def scoring_line(which: str, done: int, total: int | None, seconds: float) -> str:
     """`scoring the edited facts: 3/10 batches, 00:41 left`."""

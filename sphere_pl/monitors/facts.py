@@ -26,6 +26,7 @@ from ..data.records import EditRequest
 from ..evaluation.base import Evaluator
 from ..errors import SettingsError
 from ..evaluation.facts import FactEvaluator
+from ..lightning.progress import EditProgress
 from . import protocol
 from .schedule import Schedule
 
@@ -183,9 +184,15 @@ class FactMonitor(L.Callback):
         scored = any(k.startswith(protocol.FINAL_EDITED) for k in pl_module.record.final)
         if scored or trainer.limit_val_batches == 0 or not pl_module.editor.batches_done:
             return
+        batches = [b for b in (self._in_the_weights(pl_module, b) for b in trainer.datamodule.val_dataloader()) if b]
+        progress = trainer.progress_bar_callback  # says where this scoring is, as it does inside a loop
+        if isinstance(progress, EditProgress):
+            progress.begin_scoring(len(batches))
         with pl_module.editor.timer("evaluation"):
-            for batch in trainer.datamodule.val_dataloader():
-                self._score_final_batch(pl_module, self._in_the_weights(pl_module, batch))
+            for batch in batches:
+                self._score_final_batch(pl_module, batch)
+                if isinstance(progress, EditProgress):
+                    progress.batch_scored(trainer, "edited")
             values = self._final_values(pl_module, protocol.FINAL_EDITED)
         pl_module.record.record_final_outside_a_loop(values)
 

@@ -299,9 +299,12 @@ def test_resuming_a_finished_run_still_ends_with_its_final_evaluation(fitted, fo
     root, run, env = fitted["root"], fitted["run"], fitted["env"]
     again = root / "resumed-at-end"
     args = ["fit", "--config", fitted["config"], "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
-            "--trainer.default_root_dir", str(again)]
+            "--trainer.default_root_dir", str(again), "--trainer.enable_progress_bar", "true"]
     result = forked_cli(args, root, env)
     assert "sphere_pl run summary: 12 edits in 3 batches" in result.stdout
+    # the scoring runs outside Lightning's loops here (no edits left) and still says where it is
+    scoring = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("scoring the edited facts: ")]
+    assert len(scoring) == 1 and re.fullmatch(r"scoring the edited facts: (\d+)/\1 batches, 00:00 left", scoring[0]), scoring
     original = json.loads((run / "summary.json").read_text())["final"]
     resumed = json.loads((again / "summary.json").read_text())["final"]
     assert resumed.keys() == original.keys() and len(resumed) == 6
@@ -394,6 +397,20 @@ def test_a_fit_shows_what_it_edits_and_counts_edits_not_epochs(tiny_model_dir, s
     assert len(scoring) == 1 and re.fullmatch(r"scoring the edited facts: (\d+)/\1 batches, 00:00 left", scoring[0]), scoring
     for lightning_only in ("Trainable params", "Total FLOPs", "Epoch 0", "v_num"):
         assert lightning_only not in console
+
+
+def test_the_scoring_of_a_run_stopped_early_counts_only_the_batches_holding_its_edits(tiny_model_dir, stats_cache, tmp_path, forked_cli):
+    """The collapse rule ends the run after one of three edit batches; the end's scoring, in evaluation
+    batches of 4 (one edit batch each), counts the one evaluation batch that holds its edits, not the edit
+    set's three (the others hold no edited fact and take no time)."""
+    config = run_config(tiny_model_dir, stats_cache, tmp_path / "run", trainer__enable_progress_bar=True,
+                        data__eval_requests_per_batch=NUM_EDITS)
+    config["facts"] = {"every_n_batches": 0, "last_batch": False, "before_editing": False}
+    config["collapse"] = {"conditions": [{"metric": "he_relative/layer1", "below": 1.0}], "points_in_a_row": 1, "stop": True}
+    result = forked_cli(["fit", "--config", write_config(tmp_path / "fit.yaml", config)], tmp_path, cli_env(tmp_path))
+    assert f"sphere_pl run summary: {NUM_EDITS} edits in 1 batches" in result.stdout
+    scoring = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("scoring the edited facts: ")]
+    assert scoring == ["scoring the edited facts: 1/1 batches, 00:00 left"]
 
 
 def test_top_level_help_names_the_program_and_every_command():
