@@ -86,6 +86,7 @@ class EditProgress(ProgressBar):
             self.scoring_shown = now
             print(scoring_line(which, self.scoring_done, self.scoring_total, now - self.scoring_started), file=sys.stderr, flush=True)
 
+
 def scoring_line(which: str, done: int, total: int | None, seconds: float) -> str:
     """`scoring the edited facts: 3/10 batches, 00:41 left`."""
     line = f"scoring the {which} facts: {done}/{total} batches" if total else f"scoring the {which} facts: {done} batches"
